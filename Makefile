@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` (the offline pipeline) and `make test`.
+# Both create the virtual environment first when it is missing or stale.
+SHELL := /bin/bash
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+VENV := .venv
+UV := .tools/bin/uv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install test demo lint format bench clean
+
+install: $(VENV)/.installed
+
+# uv installs the exact versions pinned in uv.lock (same environment today and next month).
+$(UV):
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(VENV)/.installed: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --extra dev --python $(PYTHON)
+	touch $@
+
+test: install
+	pytest
+
+demo: install
+	dvc repro preprocess@digits
+
+lint: install
+	ruff check .
+	ruff format --check .
+
+format: install
+	ruff check --fix .
+	ruff format .
+
+bench: install
+	python -m pipeline.bench
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .ruff_cache

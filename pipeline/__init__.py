@@ -1,0 +1,1 @@
+"""convnet-pipeline: DVC, Lightning, Hydra and MLflow for classic convolutional networks."""

@@ -1,0 +1,41 @@
+"""One way to start an entry point: Hydra composes `conf/`, expected failures end cleanly."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.errors import PipelineError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+log = logging.getLogger("pipeline")
+
+
+def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:
+    """Wrap `task(cfg)` as a Hydra main over `conf/<config_name>.yaml`.
+
+    A PipelineError (bad config, unreachable mirror, corrupt download...) is printed as one
+    message, without a traceback, and the process exits with status 1.
+    """
+
+    def wrap(task: Callable[[DictConfig], object]) -> Callable[[], None]:
+        @functools.wraps(task)
+        def main(cfg: DictConfig) -> object:
+            try:
+                return task(cfg)
+            except PipelineError as err:
+                log.error("%s", err)
+                sys.exit(1)
+
+        return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(
+            main
+        )
+
+    return wrap

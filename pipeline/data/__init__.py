@@ -1,0 +1,1 @@
+"""Getting data in: fetch (download + verify), preprocess (raw -> uint8 tensors + splits)."""

@@ -1,0 +1,152 @@
+"""Raw-data sources: how each dataset's files are obtained and read back as uint8 tensors.
+
+Downloading, checksums and archive handling are torchvision's: a source only points a
+torchvision dataset class at one mirror with the md5s from the config, then reads the
+decoded arrays it exposes (no per-sample PIL work).
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from functools import cached_property
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import DatasetConfig, Source
+from pipeline.errors import ConfigError
+
+
+class RawData(NamedTuple):
+    train_images: torch.Tensor  # uint8 N x C x H x W
+    train_labels: torch.Tensor  # int64 N
+    test_images: torch.Tensor | None  # None: the source has no official test split
+    test_labels: torch.Tensor | None
+
+
+class RawSource(ABC):
+    """Obtains one dataset's raw files into a directory and reads them back."""
+
+    offline: bool = False
+
+    @abstractmethod
+    def download(self, cfg: DatasetConfig, mirror: str, root: Path) -> None:
+        """Put the raw files under `root` (from `mirror` unless the source is offline)."""
+
+    @abstractmethod
+    def load(self, cfg: DatasetConfig, root: Path) -> RawData:
+        """Read the files written by `download` as tensors."""
+
+
+def _md5(cfg: DatasetConfig, filename: str) -> str:
+    try:
+        return cfg.checksums[filename]
+    except KeyError:
+        raise ConfigError(
+            f"dataset '{cfg.name}' needs an md5 for '{filename}' under dataset.checksums "
+            f"(conf/dataset/{cfg.name}.yaml); it has: {sorted(cfg.checksums)}"
+        ) from None
+
+
+class TorchvisionSource(RawSource):
+    """A torchvision dataset class, re-pointed at one mirror and the configured md5s."""
+
+    def __init__(self, class_name: str) -> None:
+        self.class_name = class_name
+
+    @cached_property
+    def base(self) -> type:
+        # Imported on first use: torchvision takes seconds to import, digits never needs it.
+        return getattr(importlib.import_module("torchvision.datasets"), self.class_name)
+
+    @abstractmethod
+    def _overrides(self, cfg: DatasetConfig, mirror: str) -> dict[str, Any]:
+        """Class attributes that replace torchvision's URLs and checksums."""
+
+    @abstractmethod
+    def _tensors(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 N x C x H x W images, int64 labels) of a loaded torchvision dataset."""
+
+    def _configured(self, cfg: DatasetConfig, mirror: str = "") -> type:
+        # Same class name as the base: torchvision derives its folder names from it.
+        return type(self.base.__name__, (self.base,), self._overrides(cfg, mirror))
+
+    def download(self, cfg: DatasetConfig, mirror: str, root: Path) -> None:
+        self._configured(cfg, mirror)(str(root), train=True, download=True)
+
+    def load(self, cfg: DatasetConfig, root: Path) -> RawData:
+        cls = self._configured(cfg)
+        train = self._tensors(cls(str(root), train=True))
+        test = self._tensors(cls(str(root), train=False))
+        return RawData(*train, *test)
+
+
+class IdxSource(TorchvisionSource):
+    """MNIST-format datasets: four gzipped IDX files."""
+
+    def _overrides(self, cfg: DatasetConfig, mirror: str) -> dict[str, Any]:
+        resources = [(name, _md5(cfg, name)) for name, _ in self.base.resources]
+        return {"mirrors": [mirror], "resources": resources}
+
+    def _tensors(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return dataset.data.unsqueeze(1).contiguous(), dataset.targets.long()
+
+
+class CifarSource(TorchvisionSource):
+    """CIFAR-format datasets: one tar.gz of pickled batches, each batch md5-checked."""
+
+    def _overrides(self, cfg: DatasetConfig, mirror: str) -> dict[str, Any]:
+        base = self.base
+        return {
+            "url": f"{mirror}{base.filename}",
+            "tgz_md5": _md5(cfg, base.filename),
+            "train_list": [[name, _md5(cfg, name)] for name, _ in base.train_list],
+            "test_list": [[name, _md5(cfg, name)] for name, _ in base.test_list],
+            "meta": {**base.meta, "md5": _md5(cfg, base.meta["filename"])},
+        }
+
+    def _tensors(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+        return images, torch.tensor(dataset.targets, dtype=torch.long)
+
+
+class DigitsSource(RawSource):
+    """scikit-learn's bundled UCI handwritten digits: 1,797 real 8x8 images, no network.
+
+    `download` copies the bundle verbatim (grey levels 0-16) to .npy files, so the md5s in
+    the config pin the exact data; `load` frames each digit like MNIST does: the 8x8 image is
+    upscaled bilinearly into the central 20/28 of the frame, grey levels mapped to 0-255.
+    """
+
+    offline = True
+    files = ("digits_images.npy", "digits_labels.npy")
+
+    def download(self, cfg: DatasetConfig, mirror: str, root: Path) -> None:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        np.save(root / self.files[0], bunch.images.astype(np.uint8))
+        np.save(root / self.files[1], bunch.target.astype(np.int64))
+
+    def load(self, cfg: DatasetConfig, root: Path) -> RawData:
+        images = torch.from_numpy(np.load(root / self.files[0])).unsqueeze(1).float()
+        labels = torch.from_numpy(np.load(root / self.files[1]))
+        box = (round(cfg.height * 20 / 28), round(cfg.width * 20 / 28))
+        digits = F.interpolate(images * (255 / 16), size=box, mode="bilinear", align_corners=False)
+        top, left = (cfg.height - box[0]) // 2, (cfg.width - box[1]) // 2
+        bottom, right = cfg.height - box[0] - top, cfg.width - box[1] - left
+        framed = F.pad(digits, (left, right, top, bottom))
+        framed = framed.round().clamp(0, 255).to(torch.uint8).expand(-1, cfg.channels, -1, -1)
+        return RawData(framed.contiguous(), labels, None, None)
+
+
+SOURCES: dict[Source, RawSource] = {
+    Source.MNIST: IdxSource("MNIST"),
+    Source.FashionMNIST: IdxSource("FashionMNIST"),
+    Source.CIFAR10: CifarSource("CIFAR10"),
+    Source.sklearn_digits: DigitsSource(),
+}

@@ -1,0 +1,71 @@
+"""On-disk form of preprocessed data: one `.pt` file per split plus `meta.json`.
+
+Images are uint8 `N x C x H x W`, labels int64, and `index` the row each image had in the
+source split it came from (so any sample can be traced back to the raw files). Loading is a
+single `torch.load` per split: no per-sample work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+SPLITS = ("train", "val", "test")
+META_FILE = "meta.json"
+
+
+class Split(NamedTuple):
+    images: torch.Tensor  # uint8, N x C x H x W
+    labels: torch.Tensor  # int64, N
+    index: torch.Tensor  # int64, N: row in the source split
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for tensor in self:
+            digest.update(tensor.contiguous().numpy().data)
+        return digest.hexdigest()
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield an empty staging directory that replaces `target` only if the block succeeds.
+
+    An interrupted or failed run leaves `target` as it was (or absent), never half-written:
+    the staging directory sits beside it and is removed on failure.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would make the published directory private
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_split(directory: Path, name: str, split: Split) -> None:
+    torch.save(split._asdict(), directory / f"{name}.pt")
+
+
+def load_split(directory: Path, name: str) -> Split:
+    path = Path(directory) / f"{name}.pt"
+    return Split(**torch.load(path, weights_only=True))
+
+
+def write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / META_FILE).read_text())
