@@ -1,0 +1,116 @@
+"""`build_model`: the one path from composed config to network, for training, summary and tests."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from pipeline.config import DatasetConfig, validate
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.models.backbones import BACKBONES
+from pipeline.models.config import ModelConfig
+from pipeline.models.geometry import Shape, min_input_size, output_shape
+from pipeline.models.heads import HEADS
+
+T = TypeVar("T")
+
+
+class InputShapeError(PipelineError, ValueError):
+    """A batch whose image shape the network cannot take (says which shape it can)."""
+
+
+def _fmt(shape: Shape) -> str:
+    return "x".join(map(str, shape))
+
+
+class Network(nn.Module):
+    """A backbone's named blocks, then a head's, behind a check of the input shape.
+
+    `expected_input` is the (C, H, W) it was built for (the dataset's images); an fc head
+    accepts only that, GAP and SPP heads any H, W from `min_input_size` up. `hparams` holds
+    the resolved config as plain values, for logging and for rebuilding.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        backbone: nn.Sequential,
+        head: nn.Sequential,
+        expected_input: Shape,
+        fixed_size: bool,
+        min_input_size: int,
+        hparams: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.backbone, self.head = backbone, head
+        self.expected_input = expected_input
+        self.fixed_size = fixed_size
+        self.min_input_size = min_input_size
+        self.hparams = hparams
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(tuple(x.shape))
+        return self.head(self.backbone(x))
+
+    def check_input(self, shape: Shape) -> None:
+        """Raise an InputShapeError naming what this network takes, before torch fails deeper."""
+        channels = self.expected_input[0]
+        if len(shape) != 4:
+            raise InputShapeError(f"{self.name} takes a batch N x C x H x W, got shape {shape}")
+        got = _fmt(shape[1:])
+        if self.fixed_size and shape[1:] != self.expected_input:
+            raise InputShapeError(
+                f"{self.name} expects {_fmt(self.expected_input)} input (its training size), "
+                f"got {got}; use head=gap or head=spp for other sizes, or resize"
+            )
+        if shape[1] != channels:
+            raise InputShapeError(f"{self.name} expects {channels}-channel input, got {got}")
+        side = self.min_input_size
+        if min(shape[2:]) < side:
+            raise InputShapeError(
+                f"{self.name} needs inputs of at least {channels}x{side}x{side} (smaller maps "
+                f"vanish before its head), got {got}"
+            )
+
+    def layers(self) -> list[tuple[str, nn.Module]]:
+        """The named blocks in forward order: the rows of the architecture summary."""
+        return [*self.backbone.named_children(), *self.head.named_children()]
+
+    def first_conv(self) -> nn.Conv2d:
+        """The layer whose kernels face the image (learned or a classical bank), for plots."""
+        return next(m for m in self.backbone.modules() if isinstance(m, nn.Conv2d))
+
+
+def _as(schema: type[T], cfg: T | DictConfig) -> T:
+    return cfg if isinstance(cfg, schema) else validate(cfg, schema)
+
+
+def build_model(
+    model_cfg: ModelConfig | DictConfig, dataset_cfg: DatasetConfig | DictConfig
+) -> Network:
+    """The network `model_cfg` names, for the dataset's image shape and class count."""
+    model = _as(ModelConfig, model_cfg)
+    dataset = _as(DatasetConfig, dataset_cfg)
+    shape, num_classes = dataset.shape, len(dataset.classes)
+    backbone_entry, head_entry = BACKBONES[model.backbone], HEADS[model.head]
+    defaults = backbone_entry.defaults(model, shape)
+    resolved = replace(model, **{k: v for k, v in defaults.items() if getattr(model, k) is None})
+    name = f"{model.backbone}-{model.head}"
+
+    backbone = backbone_entry.build(resolved, shape[0], head_entry.fixed_size)
+    side = min_input_size(backbone, shape[0])
+    if min(shape[1:]) < side:
+        raise ConfigError(
+            f"{name} needs images of at least {side}x{side}, dataset '{dataset.name}' has "
+            f"{_fmt(shape[1:])}; pad them (model.input_pad) or choose a model for small images"
+            + (" (model.stem=cifar)" if resolved.stem == "imagenet" else "")
+        )
+    features = output_shape(backbone, shape)
+    head = head_entry.build(resolved, features, num_classes, backbone_entry.fc_name)
+    hparams = {"name": name, **asdict(resolved), "input_shape": list(shape)}
+    hparams["num_classes"] = num_classes
+    return Network(name, backbone, head, shape, head_entry.fixed_size, side, hparams)
