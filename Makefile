@@ -7,7 +7,7 @@ VENV := .venv
 UV := .tools/bin/uv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install test demo lint format bench clean
+.PHONY: install test demo lint format bench ui clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,7 @@ test: install
 
 demo: install
 	dvc repro preprocess@digits
+	python -m pipeline.train experiment=digits
 
 lint: install
 	ruff check .
@@ -36,6 +37,9 @@ format: install
 
 bench: install
 	python -m pipeline.bench
+
+ui: install
+	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache

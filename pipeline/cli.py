@@ -9,13 +9,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import PipelineError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 log = logging.getLogger("pipeline")
+
+# ${coalesce:a,b,...}: the first value that is not null (e.g. train.resume, else a new run dir)
+OmegaConf.register_new_resolver(
+    "coalesce", lambda *values: next((v for v in values if v is not None), None), replace=True
+)
 
 
 def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:

@@ -1,0 +1,85 @@
+"""Figures people would rather look at than read: built on `matplotlib.figure.Figure`
+directly (no pyplot global state, no display needed)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+
+def confusion_figure(confusion: torch.Tensor, classes: list[str]) -> Figure:
+    size = max(4.0, 0.45 * len(classes) + 2)
+    figure = Figure(figsize=(size, size))
+    axes = figure.add_subplot()
+    axes.imshow(confusion.numpy(), cmap="Blues")
+    ticks = range(len(classes))
+    axes.set_xticks(ticks, classes, rotation=90)
+    axes.set_yticks(ticks, classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    peak = confusion.max().item()
+    for (row, col), count in zip(
+        torch.cartesian_prod(*[torch.arange(len(classes))] * 2), confusion.flatten(), strict=True
+    ):
+        if count:
+            colour = "white" if count > peak / 2 else "black"
+            axes.text(col, row, int(count), ha="center", va="center", fontsize=7, color=colour)
+    axes.set_title("test confusion matrix")
+    return figure
+
+
+def _image_grid(images: torch.Tensor, titles: list[str], columns: int, title: str) -> Figure:
+    rows = max(1, math.ceil(len(images) / columns))
+    figure = Figure(figsize=(columns * 1.3, rows * 1.5 + 0.4))
+    figure.suptitle(title)
+    for i, (image, text) in enumerate(zip(images, titles, strict=True)):
+        axes = figure.add_subplot(rows, columns, i + 1)
+        pixels = image.permute(1, 2, 0).squeeze(-1).float()
+        span = (pixels.max() - pixels.min()).clamp_min(1e-8)
+        axes.imshow(((pixels - pixels.min()) / span).numpy(), cmap="gray")
+        axes.set_title(text, fontsize=7)
+        axes.axis("off")
+    return figure
+
+
+def misclassified_figure(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    predictions: torch.Tensor,
+    classes: list[str],
+    limit: int = 32,
+) -> Figure:
+    """A grid of wrongly classified test images, titled 'true -> predicted' (seed 001)."""
+    wrong = (predictions != labels).nonzero().flatten()[:limit]
+    titles = [f"{classes[labels[i]]} -> {classes[predictions[i]]}" for i in wrong]
+    title = f"misclassified test images ({int((predictions != labels).sum())} in all)"
+    return _image_grid(images[wrong], titles, columns=8, title=title)
+
+
+def first_conv(network: nn.Module) -> nn.Conv2d:
+    return next(module for module in network.modules() if isinstance(module, nn.Conv2d))
+
+
+def kernels_figure(network: nn.Module, limit: int = 96) -> Figure:
+    """The first layer's kernels: learned from data, or a fixed classical bank."""
+    conv = first_conv(network)
+    kernels = conv.weight.detach().cpu()[:limit]
+    if kernels.shape[1] not in (1, 3):
+        kernels = kernels.mean(dim=1, keepdim=True)
+    titles = [str(i) for i in range(len(kernels))]
+    return _image_grid(kernels, titles, columns=min(12, len(kernels)), title="first-layer kernels")
+
+
+def resolution_figure(rows: list[dict[str, float]], name: str) -> Figure:
+    figure = Figure(figsize=(5, 3.5))
+    axes = figure.add_subplot()
+    axes.plot([r["size"] for r in rows], [r["accuracy"] for r in rows], marker="o")
+    axes.set_xlabel("test input size (px)")
+    axes.set_ylabel("test accuracy")
+    axes.set_ylim(0, 1.02)
+    axes.grid(alpha=0.3)
+    axes.set_title(f"{name}: accuracy versus input resolution")
+    return figure

@@ -1,0 +1,87 @@
+"""MLflow: run names, params, tags and artifacts of a training, all from rank 0.
+
+Lightning's MLFlowLogger owns the run (it creates it lazily, on rank 0 only, and logs the
+metrics); `RunRecorder` adds what a person looks for in the UI: the resolved config as params
+and as YAML, the git commit and the data checksum as tags, and the architecture summary.
+It also leaves `run.json` in the output directory, so `evaluate` and a resumed training find
+the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import MLFlowLogger
+
+RUN_FILE = "run.json"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """('a.b.c', 'value') pairs of a nested config: MLflow params are flat strings."""
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from flatten(value, f"{name}.")
+        else:
+            yield name, str(value)
+
+
+def git_commit(directory: Path) -> str:
+    """HEAD's hash, with '-dirty' when tracked files differ from it; 'unknown' outside git."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def run_name(backbone: str, head: str, dataset: str) -> str:
+    return f"{backbone}-{head}-{dataset}-{uuid.uuid4().hex[:6]}"
+
+
+def read_run(output_dir: Path) -> dict[str, str]:
+    return json.loads((output_dir / RUN_FILE).read_text())
+
+
+class RunRecorder(L.Callback):
+    """Logs params, tags and config/summary artifacts once, when fitting starts on rank 0."""
+
+    def __init__(
+        self,
+        params: Mapping[str, Any],
+        config_yaml: str,
+        summary: str,
+        tags: Mapping[str, str],
+        output_dir: Path,
+        tracking_uri: str,
+        resumed: bool,
+    ) -> None:
+        self.params, self.config_yaml, self.summary = params, config_yaml, summary
+        self.tags, self.output_dir, self.resumed = tags, output_dir, resumed
+        self.tracking_uri = tracking_uri
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        logger = trainer.logger
+        assert isinstance(logger, MLFlowLogger)
+        client, run_id = logger.experiment, logger.run_id
+        run = {"run_id": run_id, "tracking_uri": self.tracking_uri}
+        (self.output_dir / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+        if self.resumed:  # params are immutable in MLflow and already there
+            return
+        logger.log_hyperparams(dict(flatten(self.params)))
+        for key, value in self.tags.items():
+            client.set_tag(run_id, key, value)
+        client.log_text(run_id, self.config_yaml, "config.yaml")
+        client.log_text(run_id, self.summary, "summary.txt")

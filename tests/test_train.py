@@ -1,0 +1,283 @@
+"""Training with Lightning, recorded in a real sqlite MLflow store, on the real digits data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from mlflow.tracking import MlflowClient
+
+from pipeline.classifier import Classifier
+from pipeline.cli import CONF_DIR
+from pipeline.config import DataStageConfig, validate
+from pipeline.data.fetch import fetch
+from pipeline.data.preprocess import preprocess
+from pipeline.errors import ConfigError
+from pipeline.models import InputShapeError
+from pipeline.tracking import read_run
+from pipeline.train import TrainConfig, train
+from tests.conftest import REPO, run_module
+
+FAST = ("trainer.max_epochs=2", "data.batch_size=64", "optimizer=adam")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real digits data, fetched and preprocessed by the pipeline's own stages."""
+    directory = tmp_path_factory.mktemp("data")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("data", overrides=["dataset=digits", f"paths.data_dir={directory}"])
+    stage = validate(cfg, DataStageConfig)
+    fetch(stage)
+    preprocess(stage)
+    return directory
+
+
+def train_config(*overrides: str) -> TrainConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return validate(compose("config", overrides=list(overrides)), TrainConfig)
+
+
+def run_training(tmp: Path, data_dir: Path, *overrides: str) -> tuple[dict, Path, str]:
+    """Train in-process; returns (metrics, output dir, tracking URI)."""
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = train_config(f"paths.data_dir={data_dir}", f"mlflow.tracking_uri={uri}", *overrides)
+    output_dir = tmp / "run"
+    output_dir.mkdir(parents=True)
+    return train(cfg, output_dir), output_dir, uri
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+@pytest.fixture(scope="module")
+def lenet_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
+    tmp = tmp_path_factory.mktemp("lenet")
+    return run_training(tmp, data_dir, *FAST)
+
+
+def test_run_records_params_metrics_tags_and_artifacts(lenet_run):
+    metrics, output_dir, uri = lenet_run
+    client = MlflowClient(uri)
+    run = client.get_run(read_run(output_dir)["run_id"])
+    assert run.info.run_name.startswith("lenet5-fc-digits-")
+    assert client.get_experiment(run.info.experiment_id).name == "digits"
+    params = run.data.params
+    assert params["model.backbone"] == "lenet5" and params["optimizer.name"] == "adam"
+    assert params["dataset.val_size"] == "300" and params["seed"] == "0"
+    assert len(run.data.tags["git_commit"]) >= 40
+    meta = json.loads((Path(params["paths.data_dir"]) / "processed/digits/meta.json").read_text())
+    assert run.data.tags["data_sha256"] == meta["sha256"]
+    logged = run.data.metrics
+    for name in ("train/loss_step", "train/loss_epoch", "train/acc", "val/acc", "val/loss"):
+        assert name in logged
+    assert [f"test/acc_class/{i}" in logged for i in range(10)] == [True] * 10
+    assert logged["test/acc"] == pytest.approx(metrics["test/acc"])
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2  # one per epoch
+    sizes = [m.step for m in client.get_metric_history(run.info.run_id, "test/acc_at_size")]
+    assert sorted(sizes) == [21, 28, 42, 56]
+    assert {
+        "config.yaml",
+        "summary.txt",
+        *(f"evaluation/{name}" for name in ("metrics.json", "predictions.csv", "resolution.csv")),
+        *(f"evaluation/{name}.png" for name in ("confusion", "misclassified", "kernels")),
+        "evaluation/resolution.png",
+        "evaluation/best.ckpt",
+    } <= artifact_paths(client, run.info.run_id)
+    summary = client.download_artifacts(run.info.run_id, "summary.txt", str(output_dir / "dl"))
+    assert "61,706" in Path(summary).read_text()
+
+
+def test_same_config_and_seed_give_the_same_metrics(lenet_run, tmp_path, data_dir):
+    again, _, _ = run_training(tmp_path, data_dir, *FAST)
+    assert again == lenet_run[0]
+
+
+def test_evaluate_reloads_the_checkpoint_weights_only(lenet_run, data_dir):
+    metrics, output_dir, _ = lenet_run
+    out = output_dir / "re-eval"
+    result = run_module(
+        "pipeline.evaluate",
+        f"run_dir={output_dir}",
+        f"out_dir={out}",
+        f"paths.data_dir={data_dir}",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    evaluated = json.loads((out / "metrics.json").read_text())
+    assert evaluated["test_acc"] == pytest.approx(metrics["test/acc"])
+    assert set(evaluated["test_acc_at_size"]) == {"21", "28", "42", "56"}
+    assert (out / "predictions.csv").read_text().count("\n") == 361  # header + 360 test images
+
+
+def test_fc_model_at_another_resolution_says_which_it_expects(lenet_run):
+    _, output_dir, _ = lenet_run
+    module = Classifier.load_from_checkpoint(
+        output_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True
+    )
+    with pytest.raises(InputShapeError, match="expects 1x28x28"):
+        module(torch.zeros(2, 1, 24, 24))
+
+
+GRID = [
+    (backbone, head)
+    for backbone in ("lenet5", "lenet5_keras", "lenet5_classic", "alexnet")
+    for head in ("fc", "gap", "spp")
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backbone", "head"), GRID)
+def test_every_backbone_and_head_trains(backbone: str, head: str, tmp_path, data_dir):
+    extra = ["model.output=linear"] if backbone == "lenet5_classic" else []
+    extra += ["model.width=0.25"] if backbone == "alexnet" else []
+    metrics, output_dir, uri = run_training(
+        tmp_path, data_dir, f"model={backbone}", f"model.head={head}", *FAST, *extra
+    )
+    client = MlflowClient(uri)
+    run_id = read_run(output_dir)["run_id"]
+    losses = [m.value for m in client.get_metric_history(run_id, "train/loss_epoch")]
+    assert len(losses) == 2 and losses[1] < losses[0]  # it learns
+    assert 0 <= metrics["test/acc"] <= 1 and "test/acc" in client.get_run(run_id).data.metrics
+
+
+@pytest.mark.slow
+def test_lenet5_reaches_98_percent_on_real_digits(tmp_path, data_dir):
+    metrics, _, _ = run_training(tmp_path, data_dir, "experiment=digits")
+    assert metrics["test/acc"] >= 0.98
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("optimizer.name=rmsprop", "sgd, adam, adamw"),
+        ("trainer.devices=0", "trainer.devices"),
+        ("model.head=mlp", "fc, gap, spp"),
+        ("+trainer.max_epoch=3", "max_epoch"),
+        ("data.augment.sizes=[24,32]", "gap or spp"),
+        ("optimizer.lr=-1", "optimizer.lr"),
+    ],
+)
+def test_bad_config_fails_at_start_naming_the_key(override: str, named: str):
+    with pytest.raises(ConfigError, match=named):
+        train_config(override)
+
+
+def test_unknown_group_option_lists_the_choices():
+    with pytest.raises(MissingConfigException, match="adamw"):
+        train_config("optimizer=rmsprop")
+
+
+def test_bad_value_fails_before_any_data_is_loaded(tmp_path):
+    result = run_module(
+        "pipeline.train",
+        "trainer.precision=8-bit",
+        f"paths.data_dir={tmp_path / 'none'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "trainer.precision" in result.stdout and "32-true" in result.stdout
+    assert "no preprocessed data" not in result.stdout
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.ckpt"))
+
+
+def cli(tmp: Path, data_dir: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        f"paths.data_dir={data_dir}",
+        f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        *overrides,
+    ]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_makes_one_run_and_one_output_dir(tmp_path, data_dir):
+    command = cli(
+        tmp_path,
+        data_dir,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_epochs=2",
+        "data.batch_size=64",
+    )
+    result = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dirs = [p.parent for p in (tmp_path / "outputs").rglob("run.json")]
+    all_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(run_dirs) == 1 and all_dirs == run_dirs
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].data.params["trainer.devices"] == "2"
+    assert runs[0].info.run_id == read_run(run_dirs[0])["run_id"]
+    # 1,137 training images over 2 ranks: shards of 569 and 568, 9 batches of 64 each, 2 epochs
+    last = torch.load(run_dirs[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 18
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_in_the_same_run_and_matches_an_uninterrupted_one(
+    tmp_path, data_dir
+):
+    overrides = ("trainer.max_epochs=5", "data.batch_size=64", "optimizer=adam")
+    run_dir = tmp_path / "interrupted"
+    first = subprocess.Popen(
+        cli(tmp_path, data_dir, *overrides, f"hydra.run.dir={run_dir}"),
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)  # the harshest interruption: no cleanup at all
+    first.wait()
+    interrupted_at = torch.load(last, weights_only=True)["epoch"]
+    assert interrupted_at < 4, "the training finished before it could be interrupted"
+    run_id = read_run(run_dir)["run_id"]
+
+    resumed = subprocess.run(
+        cli(tmp_path, data_dir, *overrides, f"train.resume={run_dir}"),
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert read_run(run_dir)["run_id"] == run_id
+    assert torch.load(last, weights_only=True)["global_step"] == 5 * 18
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+
+    _, straight_dir, straight_uri = run_training(tmp_path / "straight", data_dir, *overrides)
+    resumed_curve = val_curve(client, run_id)
+    assert sorted(resumed_curve) == [18 * epoch - 1 for epoch in range(1, 6)]  # every epoch
+    straight = val_curve(MlflowClient(straight_uri), read_run(straight_dir)["run_id"])
+    assert resumed_curve == straight
+
+
+def val_curve(client: MlflowClient, run_id: str) -> dict[int, float]:
+    """Global step -> val/acc; a step logged twice (before and after a kill): the later value."""
+    history = sorted(client.get_metric_history(run_id, "val/acc"), key=lambda m: m.timestamp)
+    return {m.step: m.value for m in history}
