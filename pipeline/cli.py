@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import PipelineError
@@ -27,7 +29,9 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], 
     """Wrap `task(cfg)` as a Hydra main over `conf/<config_name>.yaml`.
 
     A PipelineError (bad config, unreachable mirror, corrupt download...) is printed as one
-    message, without a traceback, and the process exits with status 1.
+    message, without a traceback, and the process exits with status 1. In a sweep (`-m`) it is
+    raised on instead, so that the sweeper records the trial as failed rather than the whole
+    sweep ending.
     """
 
     def wrap(task: Callable[[DictConfig], object]) -> Callable[[], None]:
@@ -37,6 +41,8 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], 
                 return task(cfg)
             except PipelineError as err:
                 log.error("%s", err)
+                if HydraConfig.get().mode == RunMode.MULTIRUN:
+                    raise
                 sys.exit(1)
 
         return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(

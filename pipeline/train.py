@@ -3,18 +3,25 @@
     python -m pipeline.train model=lenet5 dataset=mnist
     python -m pipeline.train trainer=ddp trainer.devices=2 model=alexnet_spp dataset=cifar10
     python -m pipeline.train model=lenet5 dataset=mnist train.resume=outputs/2026-11-21/12-00-00-0
+    python -m pipeline.train -m model.head=fc,gap,spp optimizer.lr=0.01,0.001 hydra/launcher=joblib
+    python -m pipeline.train -m hparams_search=digits_optuna
 
 Resuming is the same command plus `train.resume=` the interrupted training's output directory:
 it continues from checkpoints/last.ckpt there, in that directory and the same MLflow run.
 
 Every training gets one output directory (checkpoints, run.json, evaluation) and one MLflow
 run, however many processes DDP starts: Lightning re-launches this module per rank with the
-same Hydra run directory, and only rank 0 talks to MLflow.
+same Hydra run directory, and only rank 0 talks to MLflow. In a sweep each trial is such a
+training (DDP included) in `multirun/DATE/TIME/N`, its run a child of the sweep's parent run
+(pipeline/sweeps.py); a trial that fails or diverges ends as a FAILED run and the sweeper
+records it as failed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +50,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate, log_to_run, write_reports
 from pipeline.models import ModelConfig
 from pipeline.summary import describe
+from pipeline.sweeps import sweep_job, trial_tags
 from pipeline.tracking import RUN_FILE, RunRecorder, git_commit, read_run, run_name
 
 log = logging.getLogger(__name__)
@@ -117,8 +125,28 @@ def resume_point(output_dir: Path) -> tuple[Path, str]:
     return checkpoint, read_run(output_dir)["run_id"]
 
 
-def train(cfg: TrainConfig, output_dir: Path) -> dict[str, float]:
-    """Fit, test and evaluate one model; returns the final metrics (on rank 0: all of them)."""
+class StopOnDivergence(L.Callback):
+    """Stops fitting, on every rank at once, after an epoch whose training loss is not finite."""
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None  # the epoch that diverged
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("train/loss_epoch")
+        bad = loss is not None and not bool(torch.isfinite(loss).all())
+        if trainer.strategy.reduce_boolean_decision(bad, all=False):
+            self.epoch = trainer.current_epoch
+            trainer.should_stop = True
+
+
+def train(
+    cfg: TrainConfig, output_dir: Path, run_tags: Mapping[str, str] | None = None
+) -> dict[str, float]:
+    """Fit, test and evaluate one model; returns the final metrics (on rank 0: all of them).
+
+    `run_tags` go on a new MLflow run (a sweep trial: `mlflow.parentRunId`). A training whose
+    loss stops being finite ends its run as FAILED and raises a PipelineError (on rank 0).
+    """
     L.seed_everything(cfg.seed, workers=True)
     datamodule = TensorDataModule(
         cfg.paths.processed_dir(cfg.dataset.name),
@@ -143,6 +171,7 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, float]:
         run_name=run_name(cfg.model.backbone, cfg.model.head, cfg.dataset.name),
         tracking_uri=cfg.mlflow.tracking_uri,
         run_id=run_id,
+        tags=dict(run_tags or {}),
     )
     recorder = RunRecorder(
         params=plain(cfg),
@@ -163,7 +192,8 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, float]:
     )
     # Lightning's save_last only writes when `best` does; resuming needs every epoch's state.
     last = ModelCheckpoint(output_dir / "checkpoints", "last", enable_version_counter=False)
-    callbacks: list[L.Callback] = [best, last, LearningRateMonitor("epoch"), recorder]
+    divergence = StopOnDivergence()
+    callbacks: list[L.Callback] = [best, last, LearningRateMonitor("epoch"), recorder, divergence]
     if cfg.trainer.early_stopping_patience:
         callbacks.append(
             EarlyStopping("val/acc", mode="max", patience=cfg.trainer.early_stopping_patience)
@@ -182,10 +212,20 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, float]:
         default_root_dir=output_dir,
     )
     trainer.fit(module, datamodule, ckpt_path=checkpoint)
+    if divergence.epoch is not None:  # every rank stopped; rank 0 reports it
+        if not trainer.is_global_zero:
+            return {"val/acc_best": float(best.best_model_score or 0.0)}
+        logger.experiment.set_terminated(logger.run_id, "FAILED")
+        raise PipelineError(
+            f"training diverged: train/loss is not finite after epoch {divergence.epoch} "
+            f"(optimizer.lr={cfg.optimizer.lr}, optimizer.weight_decay="
+            f"{cfg.optimizer.weight_decay}); lower the learning rate or the weight decay"
+        )
     trainer.test(module, datamodule, ckpt_path=best.best_model_path, verbose=trainer.is_global_zero)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["val/acc_best"] = float(best.best_model_score or 0.0)
     if trainer.is_global_zero:
+        logger.log_metrics({"val/acc_best": metrics["val/acc_best"]})
         best = Classifier.load_from_checkpoint(
             output_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True
         )
@@ -205,8 +245,17 @@ def main(cfg: DictConfig) -> float:
     config = validate(cfg, TrainConfig)
     output_dir = Path(HydraConfig.get().runtime.output_dir)  # train.resume's, when resuming
     torch.set_float32_matmul_precision("high")
-    return train(config, output_dir)["val/acc_best"]
+    with sweep_job():  # in a sweep: this trial's own run dir and command line for DDP ranks
+        score = train(config, output_dir, trial_tags())["val/acc_best"]
+    if not math.isfinite(score):  # a sweeper must get a score or an error, never NaN
+        raise PipelineError(f"val/acc_best is {score}: no finite validation accuracy")
+    return score
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module's `main`, not this `__main__` copy of it: a parallel sweep
+    # (hydra/launcher=joblib) pickles the task to worker processes, where `__main__` classes
+    # such as TrainConfig would not resolve, while `pipeline.train.main` imports by name.
+    from pipeline.train import main as importable_main
+
+    importable_main()

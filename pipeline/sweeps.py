@@ -1,0 +1,279 @@
+"""Hydra sweeps (`python -m pipeline.train -m ...`) as one MLflow parent run per sweep.
+
+`SweepTracking`, a Hydra callback registered in conf/config.yaml, opens the parent run before
+the first trial starts (creating the store and the experiment then, so that trials started at
+once in several processes never race to create them) and leaves its id in
+`<sweep dir>/sweep_run.json`. Each trial, in whatever process the launcher runs it, reads that
+file (`trial_tags`) and tags its own run as a child. When the sweep ends the parent records the
+best trial (the settings the sweep chose as `best.*` params, its `val/acc_best`), attaches
+`trials.jsonl` (every trial: status, score or error, run id, overrides) and closes; a sweep that
+stops on a failure closes its parent as FAILED.
+
+`sweep_job` lets a trial train with DDP: Lightning starts ranks > 0 by re-running `sys.argv`
+with `hydra.run.dir=<HydraConfig run.dir>`, which in a sweep would start the whole sweep again
+in a fresh directory. Inside `sweep_job` the command line is this trial's own overrides and the
+run dir is the trial's output dir, so the ranks join this trial in its directory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict, read_write
+
+from pipeline.tracking import RUN_FILE, read_run
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep_run.json"
+TRIALS_FILE = "trials.jsonl"  # one line per finished or failed trial
+PARENT_TAG = "mlflow.parentRunId"
+SCORE = "val/acc_best"  # what pipeline.train returns and the sweep maximises
+
+T = TypeVar("T")
+
+
+def retry(action: Callable[[], T], what: str, attempts: int = 6) -> T:
+    """`action()`, retried with growing pauses: a store shared by concurrent processes (sqlite
+    being created or migrated by another sweep, a busy server) fails transiently."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception as err:
+            if attempt == attempts - 1:
+                raise
+            pause = 0.5 * 2**attempt
+            log.warning("%s failed (%s); retrying in %.1f s", what, err, pause)
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _client(tracking_uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """The id of experiment `name`, created if missing (also when another process just did)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created meanwhile by a concurrent sweep
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def trial_tags() -> dict[str, str]:
+    """Tags for the run of the current sweep trial: its parent, job number and overrides."""
+    if not in_multirun():
+        return {}
+    hydra = HydraConfig.get()
+    tags = {
+        "sweep.job_num": str(hydra.job.num),
+        "sweep.overrides": json.dumps(list(hydra.overrides.task)),
+    }
+    sweep_file = Path(hydra.sweep.dir) / SWEEP_FILE
+    if sweep_file.is_file():
+        tags[PARENT_TAG] = json.loads(sweep_file.read_text())["run_id"]
+    else:
+        log.warning("%s not found: this trial's run will not be grouped under a sweep", sweep_file)
+    return tags
+
+
+def _values(overrides: list[str]) -> dict[str, Any]:
+    """{key: value} of Hydra overrides (sweeps as their sweep objects); unparsable ones as text."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    values: dict[str, Any] = {}
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+            values[override.get_key_element().lstrip("+~")] = override.value()
+        except Exception:
+            key, _, value = text.partition("=")
+            values[key.lstrip("+~")] = value
+    return values
+
+
+def searched(trial: list[str], sweep: list[str]) -> dict[str, str]:
+    """A trial's settings that the sweep chose: its overrides not fixed on the command line."""
+    fixed = _values(sweep)
+    return {
+        key: str(value)
+        for key, value in _values(trial).items()
+        if key not in fixed or fixed[key] != value
+    }
+
+
+class SweepTracking(Callback):
+    """One MLflow parent run per Hydra multirun, holding one child run per trial."""
+
+    def __init__(self) -> None:
+        self.sweep_file: Path | None = None
+        self.closed = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        uri, name = config.mlflow.tracking_uri, config.mlflow.experiment
+
+        def open_parent() -> dict[str, str]:
+            client = _client(uri)
+            experiment = experiment_id(client, name)
+            tags = {
+                "sweep.dir": str(sweep_dir.resolve()),
+                "sweep.overrides": json.dumps(list(config.hydra.overrides.task)),
+                "sweep.sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1],
+                "sweep.launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
+            }
+            run = client.create_run(
+                experiment, tags=tags, run_name=f"sweep-{name}-{uuid.uuid4().hex[:6]}"
+            )
+            return {"run_id": run.info.run_id, "experiment_id": experiment, "tracking_uri": uri}
+
+        parent = retry(open_parent, f"creating the sweep's MLflow run in {uri}")
+        self.sweep_file = sweep_dir / SWEEP_FILE
+        self.sweep_file.write_text(json.dumps(parent, indent=2) + "\n")
+        log.info("sweep %s: MLflow parent run %s", sweep_dir, parent["run_id"])
+        # a sweeper that raises (a failed trial under the basic sweeper, too many failures
+        # under Optuna) skips on_multirun_end: close the parent as FAILED when the process ends
+        atexit.register(self.close, "FAILED")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.close("FINISHED")
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        """Runs where the trial ran: ends its MLflow run as FAILED if the trial failed after
+        the run started (diverged, crashed), and appends the trial to `trials.jsonl`."""
+        hydra = config.hydra
+        if hydra.mode != RunMode.MULTIRUN:
+            return
+        output_dir = Path(hydra.runtime.output_dir)
+        run = read_run(output_dir) if (output_dir / RUN_FILE).is_file() else None
+        completed = job_return.status == JobStatus.COMPLETED
+        if not completed and run is not None:
+            client = _client(run["tracking_uri"])
+            if client.get_run(run["run_id"]).info.status != "FAILED":
+                retry(lambda: client.set_terminated(run["run_id"], "FAILED"), "ending a run")
+        trial = {
+            "job": hydra.job.num,
+            "status": "COMPLETED" if completed else "FAILED",
+            "score": job_return._return_value if completed else None,
+            "error": None if completed else str(job_return._return_value),
+            "run_id": run and run["run_id"],
+            "output_dir": str(output_dir),
+            "overrides": list(hydra.overrides.task),
+        }
+        with (Path(hydra.sweep.dir) / TRIALS_FILE).open("a") as log_file:  # one write per line
+            log_file.write(json.dumps(trial, default=str) + "\n")
+
+    def close(self, status: str) -> None:
+        """Record the best trial on the parent run and end it with `status`."""
+        if self.closed or self.sweep_file is None:
+            return
+        self.closed = True
+        parent = json.loads(self.sweep_file.read_text())
+        client = _client(parent["tracking_uri"])
+        parent_id = parent["run_id"]
+        # trials that sweep mlflow.experiment (or the dataset) log to other experiments
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        children = client.search_runs(
+            experiments, filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'"
+        )
+        done = [r for r in children if r.info.status == "FINISHED" and SCORE in r.data.metrics]
+        trials_file = self.sweep_file.parent / TRIALS_FILE
+        trials = (
+            [json.loads(line) for line in trials_file.read_text().splitlines()]
+            if trials_file.is_file()
+            else []
+        )
+        tags = {
+            "sweep.trials": str(len(trials)),
+            "sweep.trials_failed": str(sum(t["status"] == "FAILED" for t in trials)),
+        }
+        if done:
+            best = max(done, key=lambda r: r.data.metrics[SCORE])
+            overrides = json.loads(best.data.tags.get("sweep.overrides", "[]"))
+            sweep = json.loads(client.get_run(parent_id).data.tags["sweep.overrides"])
+            client.log_metric(parent_id, SCORE, best.data.metrics[SCORE])
+            for key, value in searched(overrides, sweep).items():
+                client.log_param(parent_id, f"best.{key}", value)
+            tags |= {"best_run_id": best.info.run_id, "best.overrides": json.dumps(overrides)}
+            log.info(
+                "sweep best: %s = %.4f with %s (run %s)",
+                SCORE,
+                best.data.metrics[SCORE],
+                " ".join(overrides),
+                best.info.run_id,
+            )
+        for key, value in tags.items():
+            client.set_tag(parent_id, key, value)
+        for name in ("multirun.yaml", TRIALS_FILE, "optimization_results.yaml"):
+            if (self.sweep_file.parent / name).is_file():
+                client.log_artifact(parent_id, str(self.sweep_file.parent / name))
+        client.set_terminated(parent_id, status)
+
+
+def _ranks_command(argv: list[str], task_overrides: list[str]) -> list[str]:
+    """`argv` with its sweep replaced by one trial's overrides (config path/name flags kept)."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv[1:])
+    flags = [
+        f"--{flag.replace('_', '-')}={getattr(args, flag)}"
+        for flag in ("config_path", "config_name", "config_dir")
+        if getattr(args, flag) is not None
+    ]
+    return [argv[0], *flags, *task_overrides]
+
+
+@contextlib.contextmanager
+def sweep_job() -> Iterator[None]:
+    """Run one sweep trial so that DDP's extra ranks join it (outside a sweep: does nothing).
+
+    Within: `sys.argv` is this trial's command (no `-m`, no sweep lists) and Hydra's run dir
+    is the trial's output dir, which is what Lightning hands to the processes it starts. After:
+    the command line, the environment Lightning set for DDP (MASTER_PORT, LOCAL_RANK, ...) and
+    the process group are reset, so the next trial in this process starts clean.
+    """
+    if not in_multirun():
+        yield
+        return
+    hydra = HydraConfig.get()
+    argv, environ = list(sys.argv), dict(os.environ)
+    sys.argv = _ranks_command(argv, list(hydra.overrides.task))
+    with read_write(hydra), open_dict(hydra):  # HydraConfig is set afresh for every job
+        hydra.run.dir = hydra.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environ)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
