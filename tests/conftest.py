@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository's paths, a loopback HTTP mirror, and CLI runners."""
+"""Shared fixtures: the repository's paths, a loopback HTTP mirror, the real digits data, and
+CLI runners."""
 
 from __future__ import annotations
 
@@ -57,3 +58,38 @@ def run_module(module: str, *overrides: str, cwd: Path = REPO) -> subprocess.Com
         text=True,
         timeout=300,
     )
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real digits data, fetched and preprocessed by the pipeline's own stages."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.cli import CONF_DIR
+    from pipeline.config import DataStageConfig, validate
+    from pipeline.data.fetch import fetch
+    from pipeline.data.preprocess import preprocess
+
+    directory = tmp_path_factory.mktemp("data")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("data", overrides=["dataset=digits", f"paths.data_dir={directory}"])
+    stage = validate(cfg, DataStageConfig)
+    fetch(stage)
+    preprocess(stage)
+    return directory
+
+
+def cli(tmp: Path, data_dir: Path, *overrides: str) -> list[str]:
+    """`python -m pipeline.train` on `data_dir`, tracked in `tmp`/mlflow.db."""
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        f"paths.data_dir={data_dir}",
+        f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        *overrides,
+    ]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}

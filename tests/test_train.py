@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,28 +16,14 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.classifier import Classifier
 from pipeline.cli import CONF_DIR
-from pipeline.config import DataStageConfig, validate
-from pipeline.data.fetch import fetch
-from pipeline.data.preprocess import preprocess
+from pipeline.config import validate
 from pipeline.errors import ConfigError
 from pipeline.models import InputShapeError
 from pipeline.tracking import read_run
 from pipeline.train import TrainConfig, train
-from tests.conftest import REPO, run_module
+from tests.conftest import cli, env, run_module
 
 FAST = ("trainer.max_epochs=2", "data.batch_size=64", "optimizer=adam")
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real digits data, fetched and preprocessed by the pipeline's own stages."""
-    directory = tmp_path_factory.mktemp("data")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("data", overrides=["dataset=digits", f"paths.data_dir={directory}"])
-    stage = validate(cfg, DataStageConfig)
-    fetch(stage)
-    preprocess(stage)
-    return directory
 
 
 def train_config(*overrides: str) -> TrainConfig:
@@ -191,21 +175,6 @@ def test_bad_value_fails_before_any_data_is_loaded(tmp_path):
     assert "trainer.precision" in result.stdout and "32-true" in result.stdout
     assert "no preprocessed data" not in result.stdout
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.ckpt"))
-
-
-def cli(tmp: Path, data_dir: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pipeline.train",
-        f"paths.data_dir={data_dir}",
-        f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
-        *overrides,
-    ]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 @pytest.mark.slow

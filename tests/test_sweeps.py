@@ -1,0 +1,216 @@
+"""Hydra sweeps as real `python -m pipeline.train -m ...` processes on the real digits data:
+parallel trials (joblib), an Optuna search with a diverging trial, trials that each train with
+2-process CPU DDP, all grouped in one real sqlite MLflow store as a parent run per sweep."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import CONF_DIR
+from pipeline.models import ModelConfig
+from pipeline.sweeps import PARENT_TAG, SCORE, SWEEP_FILE, TRIALS_FILE
+from pipeline.tracking import read_run
+from tests.conftest import cli, env
+
+# one short epoch, the evaluation at the training size only, no checkpoint copied to MLflow
+QUICK = ("trainer.max_epochs=1", "train.eval_scales=[1.0]", "mlflow.log_checkpoint=false")
+
+
+def sweep(tmp: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """Run a sweep into `tmp`/sweep, tracked in `tmp`/mlflow.db, from `tmp` as working dir."""
+    command = cli(tmp, data_dir, f"hydra.sweep.dir={tmp / 'sweep'}", *QUICK, *overrides, "-m")
+    result = subprocess.run(
+        command, cwd=tmp, env=env(), capture_output=True, text=True, timeout=400
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "database is locked" not in output
+    return result
+
+
+def sweep_runs(tmp: Path) -> tuple[MlflowClient, Run, list[Run]]:
+    """(client, parent run, child runs) of the sweep in `tmp`/sweep."""
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    parent = client.get_run(json.loads((tmp / "sweep" / SWEEP_FILE).read_text())["run_id"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    every = client.search_runs(experiments)
+    children = [r for r in every if r.data.tags.get(PARENT_TAG) == parent.info.run_id]
+    assert len(every) == len(children) + 1  # nothing but the sweep in the store
+    return client, parent, children
+
+
+def trials(sweep_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (sweep_dir / TRIALS_FILE).read_text().splitlines()]
+
+
+def job_dirs(tmp: Path) -> list[Path]:
+    return sorted(p for p in (tmp / "sweep").iterdir() if p.is_dir())
+
+
+def assert_parent_records_the_best(client: MlflowClient, parent: Run, children: list[Run]):
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    best = max(finished, key=lambda r: r.data.metrics[SCORE])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics[SCORE] == pytest.approx(best.data.metrics[SCORE])
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.info.experiment_id == best.info.experiment_id
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert TRIALS_FILE in artifacts
+    return best
+
+
+@pytest.mark.slow
+def test_parallel_joblib_trials_are_child_runs_of_one_sweep_run(tmp_path, data_dir):
+    result = sweep(
+        tmp_path,
+        data_dir,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "model.head=fc,gap",
+        "optimizer.lr=0.01,0.001",
+    )
+    client, parent, children = sweep_runs(tmp_path)
+    assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    grid = {(r.data.params["model.head"], r.data.params["optimizer.lr"]) for r in children}
+    assert grid == {("fc", "0.01"), ("fc", "0.001"), ("gap", "0.01"), ("gap", "0.001")}
+    for run in children:
+        assert {"train/loss_epoch", "val/acc", "test/acc", SCORE} <= set(run.data.metrics)
+        assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 1
+    # two worker processes ran the trials, each in its own directory
+    assert "Joblib.Parallel(n_jobs=2" in result.stdout
+    dirs = job_dirs(tmp_path)
+    assert [d.name for d in dirs] == ["0", "1", "2", "3"]
+    assert {read_run(d)["run_id"] for d in dirs} == {r.info.run_id for r in children}
+
+    best = assert_parent_records_the_best(client, parent, children)
+    assert parent.data.params == {
+        "best.model.head": best.data.params["model.head"],
+        "best.optimizer.lr": best.data.params["optimizer.lr"],
+    }
+    assert parent.data.tags["sweep.launcher"] == "JoblibLauncher"
+    assert "multirun.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert (
+        parent.data.tags["sweep.trials"] == "4" and parent.data.tags["sweep.trials_failed"] == "0"
+    )
+
+
+@pytest.mark.slow
+def test_optuna_search_records_a_diverged_trial_as_failed_and_goes_on(tmp_path, data_dir):
+    # weight decay 1e5 makes the weights, and then the loss, overflow within the first epoch
+    result = sweep(
+        tmp_path,
+        data_dir,
+        "hparams_search=digits_optuna",
+        "hydra.sweeper.n_trials=4",
+        "optimizer.weight_decay=choice(0,100000)",
+        "optimizer.lr=0.05",
+        "data.batch_size=64",
+    )
+    assert "training diverged" in result.stdout + result.stderr
+    client, parent, children = sweep_runs(tmp_path)
+    log = trials(tmp_path / "sweep")
+    assert len(log) == 4 and len(children) == 4
+    failed = [t for t in log if t["status"] == "FAILED"]
+    assert 1 <= len(failed) < 4, "the sampler seed should give some diverging trials, not all"
+    assert all("training diverged" in t["error"] and t["score"] is None for t in failed)
+    for run in children:  # a diverged trial's run is FAILED, the others FINISHED
+        diverged = run.data.params["optimizer.weight_decay"] == "100000.0"
+        assert run.info.status == ("FAILED" if diverged else "FINISHED")
+        assert run.info.run_id in {t["run_id"] for t in (failed if diverged else log)}
+
+    best = assert_parent_records_the_best(client, parent, children)
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(best.data.metrics[SCORE])
+    searched = {f"best.{key}": str(value) for key, value in results["best_params"].items()}
+    assert parent.data.params == searched  # what Optuna chose, not the fixed settings
+    assert parent.data.params["best.optimizer.weight_decay"] == "0"
+    assert parent.data.tags["sweep.sweeper"] == "OptunaSweeper"
+    assert parent.data.tags["sweep.trials_failed"] == str(len(failed))
+    assert "optimization_results.yaml" in {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
+
+
+@pytest.mark.slow
+def test_sweep_of_ddp_trials_gives_each_trial_one_dir_and_one_run(tmp_path, data_dir):
+    sweep(
+        tmp_path,
+        data_dir,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "data.batch_size=64",
+        "model.head=fc,gap",
+    )
+    client, parent, children = sweep_runs(tmp_path)
+    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.params["trainer.devices"] for r in children} == {"2"}
+    # rank 1 joined its trial in the trial's directory: no other directory anywhere
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["mlruns", "sweep"]
+    dirs = job_dirs(tmp_path)
+    assert [d.name for d in dirs] == ["0", "1"]
+    assert {read_run(d)["run_id"] for d in dirs} == {r.info.run_id for r in children}
+    for job in dirs:
+        assert (job / "checkpoints" / "best.ckpt").is_file()
+        assert (job / "train_ddp_process_1.log").is_file()
+        # 1,137 training images over 2 ranks: 569 per rank, 9 batches of 64
+        last = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
+        assert last["global_step"] == 9
+    assert_parent_records_the_best(client, parent, children)
+
+
+def test_sweeps_and_runs_started_in_the_same_second_get_their_own_dirs():
+    def resolve() -> tuple[str, str]:
+        assert ModelConfig  # imported: registers the model schema that conf/model/ extends
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", return_hydra_config=True)
+        return str(cfg.hydra.sweep.dir), str(cfg.hydra.run.dir)
+
+    for _ in range(10):  # until two land in the same second (almost always the first time)
+        first, second = resolve(), resolve()
+        if first[0][:-7] == second[0][:-7]:
+            break
+        time.sleep(0.01)
+    assert first[0][:-7] == second[0][:-7]  # multirun/DATE/HH-MM-SS, then -microseconds
+    assert first[0] != second[0] and first[1] != second[1]
+    assert first[0].startswith("multirun/") and first[1].startswith("outputs/")
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_at_once_share_a_new_store_without_collisions(tmp_path):
+    """Both create the same sqlite store and experiment at the same moment; their one trial is
+    rejected by config validation, so the check costs no training."""
+    command = cli(tmp_path, tmp_path / "no-data", "optimizer.momentum=1.5", "-m")
+    sweeps = [
+        subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [process.communicate(timeout=300)[0] for process in sweeps]
+    assert [process.returncode for process in sweeps] == [1, 1], outputs  # the trial failed
+    assert all("optimizer.momentum" in output for output in outputs)
+    sweep_dirs = sorted((tmp_path / "multirun").glob("*/*"))
+    assert len(sweep_dirs) == 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parents = {json.loads((d / SWEEP_FILE).read_text())["run_id"] for d in sweep_dirs}
+    assert len(parents) == 2
+    assert {client.get_run(p).info.status for p in parents} == {"FAILED"}
+    assert sorted(e.name for e in client.search_experiments()) == ["Default", "digits"]
+    for sweep_dir in sweep_dirs:
+        assert [t["status"] for t in trials(sweep_dir)] == ["FAILED"]
