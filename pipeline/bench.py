@@ -21,14 +21,13 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from pipeline.classifier import Classifier
 from pipeline.cli import CONF_DIR
 from pipeline.config import DatasetConfig, validate
 from pipeline.data.datamodule import Batches, TensorDataModule
 from pipeline.data.preprocess import describe
 from pipeline.data.store import Split, load_split, read_meta, save_split, write_meta
 from pipeline.models import build_model
-from pipeline.train import TrainConfig, plain
+from pipeline.train import TrainConfig, build_module
 
 MNIST_SHAPE = (1, 28, 28)
 
@@ -68,15 +67,7 @@ def write_dataset(directory: Path, dataset: DatasetConfig, train: int) -> None:
 def pipeline_epochs(cfg: TrainConfig, directory: Path, epochs: int, device: str) -> float:
     """Images/s of `epochs` epochs through the pipeline's training path (after a warm-up)."""
     datamodule = TensorDataModule(directory, cfg.data.batch_size, cfg.data.eval_batch_size, 0)
-    module = Classifier(
-        model=plain(cfg.model),
-        dataset=plain(cfg.dataset),
-        optimizer=plain(cfg.optimizer),
-        scheduler=plain(cfg.scheduler),
-        mean=datamodule.meta["train_mean"],
-        std=datamodule.meta["train_std"],
-        augment=plain(cfg.data.augment),
-    )
+    module = build_module(cfg, datamodule.meta)
     timer = EpochTimer()
     trainer = L.Trainer(
         accelerator=device,

@@ -75,10 +75,9 @@ class Classifier(L.LightningModule):
         # object to self.log every step costs more than LeNet's forward pass on a CPU.
         self.train_acc.update(logits.detach(), labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        if self.trainer.is_last_batch:  # before validation, so epoch-end callbacks see it
+            self._log_epoch_metric("train/acc", self.train_acc)
         return loss
-
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch_metric("train/acc", self.train_acc)
 
     def _log_epoch_metric(self, name: str, metric: MulticlassAccuracy) -> None:
         self.log(name, metric.compute(), prog_bar=name == "val/acc")

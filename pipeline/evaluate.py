@@ -119,13 +119,16 @@ def write_reports(
     """metrics.json, DVC plot data and PNG figures in `out_dir`; returns the files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = list(module.dataset_cfg.classes)
-    metrics = {
+    metrics = {  # the row `dvc metrics show` prints for this model
         "test_acc": evaluation.accuracy,
-        "test_acc_per_class": dict(zip(classes, evaluation.per_class, strict=True)),
         "test_acc_at_size": {str(r["size"]): r["accuracy"] for r in evaluation.resolution},
+        "params": sum(p.numel() for p in module.network.parameters() if p.requires_grad),
     }
+    per_class = dict(zip(classes, evaluation.per_class, strict=True))
     files = [out_dir / "metrics.json", out_dir / "predictions.csv", out_dir / "resolution.csv"]
     files[0].write_text(json.dumps(metrics, indent=2) + "\n")
+    files.append(out_dir / "class_acc.json")
+    files[-1].write_text(json.dumps(per_class, indent=2) + "\n")
     with files[1].open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["actual", "predicted"])
@@ -141,7 +144,7 @@ def write_reports(
             test.images.cpu(), evaluation.labels, evaluation.predictions, classes
         ),
         "kernels.png": kernels_figure(module.network),
-        "resolution.png": resolution_figure(evaluation.resolution, module.network.name),
+        "resolution.png": resolution_figure({module.network.name: evaluation.resolution}),
     }
     for name, figure in figures.items():
         figure.savefig(out_dir / name, dpi=110, bbox_inches="tight")

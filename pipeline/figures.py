@@ -73,13 +73,16 @@ def kernels_figure(network: nn.Module, limit: int = 96) -> Figure:
     return _image_grid(kernels, titles, columns=min(12, len(kernels)), title="first-layer kernels")
 
 
-def resolution_figure(rows: list[dict[str, float]], name: str) -> Figure:
-    figure = Figure(figsize=(5, 3.5))
+def resolution_figure(curves: dict[str, list[dict[str, float]]]) -> Figure:
+    """Test accuracy against input size, one line per model (seed 004: GAP/SPP vs FC)."""
+    figure = Figure(figsize=(5.5, 3.8))
     axes = figure.add_subplot()
-    axes.plot([r["size"] for r in rows], [r["accuracy"] for r in rows], marker="o")
+    for name, rows in curves.items():
+        axes.plot([r["size"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=name)
     axes.set_xlabel("test input size (px)")
     axes.set_ylabel("test accuracy")
     axes.set_ylim(0, 1.02)
     axes.grid(alpha=0.3)
-    axes.set_title(f"{name}: accuracy versus input resolution")
+    axes.legend(fontsize=7)
+    axes.set_title("accuracy versus input resolution")
     return figure

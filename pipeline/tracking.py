@@ -9,8 +9,11 @@ the same run.
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -85,3 +88,38 @@ class RunRecorder(L.Callback):
             client.set_tag(run_id, key, value)
         client.log_text(run_id, self.config_yaml, "config.yaml")
         client.log_text(run_id, self.summary, "summary.txt")
+
+
+class EpochHistory(L.Callback):
+    """Writes history.csv (epoch, losses, accuracies, learning rate, seconds so far), one row
+    per epoch on rank 0: the training curves `dvc plots show` draws."""
+
+    columns = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "elapsed_s")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+
+        def value(name: str) -> float:
+            return float(metrics[name]) if name in metrics else math.nan
+
+        row = {
+            "epoch": trainer.current_epoch,
+            "train_loss": value("train/loss_epoch"),
+            "train_acc": value("train/acc"),
+            "val_loss": value("val/loss"),
+            "val_acc": value("val/acc"),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "elapsed_s": round(time.monotonic() - self.start, 2),
+        }
+        fresh = not self.path.exists() or trainer.current_epoch == 0
+        with self.path.open("w" if fresh else "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.columns)
+            if fresh:
+                writer.writeheader()
+            writer.writerow(row)

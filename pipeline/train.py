@@ -51,7 +51,7 @@ from pipeline.evaluate import evaluate, log_to_run, write_reports
 from pipeline.models import ModelConfig
 from pipeline.summary import describe
 from pipeline.sweeps import sweep_job, trial_tags
-from pipeline.tracking import RUN_FILE, RunRecorder, git_commit, read_run, run_name
+from pipeline.tracking import RUN_FILE, EpochHistory, RunRecorder, git_commit, read_run, run_name
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,20 @@ class StopOnDivergence(L.Callback):
             trainer.should_stop = True
 
 
+def build_module(cfg: TrainConfig, meta: dict) -> Classifier:
+    """The LightningModule for `cfg`, normalising with the preprocessed data's statistics."""
+    return Classifier(
+        model=plain(cfg.model),
+        dataset=plain(cfg.dataset),
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler),
+        mean=meta["train_mean"],
+        std=meta["train_std"],
+        augment=plain(cfg.data.augment),
+        label_smoothing=cfg.train.label_smoothing,
+    )
+
+
 def train(
     cfg: TrainConfig, output_dir: Path, run_tags: Mapping[str, str] | None = None
 ) -> dict[str, float]:
@@ -155,16 +169,7 @@ def train(
         cfg.seed,
     )
     check_data_matches(datamodule.meta, cfg.dataset)
-    module = Classifier(
-        model=plain(cfg.model),
-        dataset=plain(cfg.dataset),
-        optimizer=plain(cfg.optimizer),
-        scheduler=plain(cfg.scheduler),
-        mean=datamodule.meta["train_mean"],
-        std=datamodule.meta["train_std"],
-        augment=plain(cfg.data.augment),
-        label_smoothing=cfg.train.label_smoothing,
-    )
+    module = build_module(cfg, datamodule.meta)
     checkpoint, run_id = resume_point(output_dir) if cfg.train.resume else (None, None)
     logger = MLFlowLogger(
         experiment_name=cfg.mlflow.experiment,
@@ -194,6 +199,7 @@ def train(
     last = ModelCheckpoint(output_dir / "checkpoints", "last", enable_version_counter=False)
     divergence = StopOnDivergence()
     callbacks: list[L.Callback] = [best, last, LearningRateMonitor("epoch"), recorder, divergence]
+    callbacks.append(EpochHistory(output_dir / "history.csv"))
     if cfg.trainer.early_stopping_patience:
         callbacks.append(
             EarlyStopping("val/acc", mode="max", patience=cfg.trainer.early_stopping_patience)

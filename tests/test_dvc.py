@@ -1,35 +1,55 @@
-"""`dvc repro` of the offline digits stages in a fresh copy of the repository."""
+"""The DVC pipeline in a fresh copy of the repository: the offline digits profile end to end."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from pipeline.data.store import read_meta
 from tests.conftest import REPO
 
+OFFLINE = ("--glob", "evaluate@digits-*")
+DIGITS_RUNS = ("digits-lenet5", "digits-lenet5_gap", "digits-lenet5_spp", "digits-lenet5_classic")
+
 
 def sh(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 
 
-@pytest.fixture
-def repo_copy(tmp_path: Path) -> Path:
-    """The working tree's files that git would commit, as a new git repository."""
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def set_epochs(repo: Path, epochs: dict[str, int]) -> None:
+    params = OmegaConf.load(repo / "params.yaml")
+    for run, value in epochs.items():
+        params.runs[run].epochs = value
+    OmegaConf.save(params, repo / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The working tree's files that git would commit, as a new git repository, with the
+    digits runs cut to 2 epochs so the whole profile runs in a few minutes."""
     listed = sh("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=REPO)
-    copy = tmp_path / "repo"
+    copy = tmp_path_factory.mktemp("repo")
     for name in filter(None, listed.stdout.split("\0")):
-        if (REPO / name).is_file():
+        if (REPO / name).is_file() and name != "dvc.lock":
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, copy / name)
+    set_epochs(copy, dict.fromkeys(DIGITS_RUNS, 2))
     sh("git", "init", "-q", cwd=copy)
     sh("git", "add", "-A", cwd=copy)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy", cwd=copy)
@@ -37,15 +57,56 @@ def repo_copy(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_dvc_repro_digits_then_nothing_to_do(repo_copy: Path):
-    first = sh("dvc", "repro", "preprocess@digits", cwd=repo_copy)
-    assert "Running stage 'fetch@digits'" in first.stdout
-    assert "Running stage 'preprocess@digits'" in first.stdout
+def test_offline_profile_end_to_end_then_nothing_to_do(repo_copy: Path):
+    first = sh("dvc", "repro", *OFFLINE, cwd=repo_copy)
+    expected = {"fetch@digits", "preprocess@digits"}
+    expected |= {f"{stage}@{run}" for stage in ("train", "evaluate") for run in DIGITS_RUNS}
+    assert ran(first.stdout) == expected
     meta = read_meta(repo_copy / "data" / "processed" / "digits")
     assert [meta["splits"][s]["count"] for s in ("train", "val", "test")] == [1137, 300, 360]
 
-    second = sh("dvc", "repro", "preprocess@digits", cwd=repo_copy)
-    assert "Running stage" not in second.stdout
+    second = sh("dvc", "repro", *OFFLINE, cwd=repo_copy)
+    assert ran(second.stdout) == set()
     assert "Data and pipelines are up to date." in second.stdout
-    status = sh("dvc", "status", "preprocess@digits", cwd=repo_copy)
-    assert "up to date" in status.stdout
+
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo_copy).stdout)
+    metrics = next(iter(shown.values()))["data"]
+    for run in DIGITS_RUNS:
+        row = metrics[f"reports/{run}/metrics.json"]["data"]
+        assert 0 <= row["test_acc"] <= 1
+        assert set(row["test_acc_at_size"]) == {"21", "28", "42", "56"}
+    plots = sh("dvc", "plots", "show", "--json", cwd=repo_copy).stdout
+    for name in ("history.csv", "predictions.csv", "resolution.csv", "confusion.png"):
+        assert name in plots
+    client = MlflowClient(f"sqlite:///{repo_copy / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert len(runs) == 4
+
+
+@pytest.mark.slow
+def test_changed_parameter_reruns_only_its_branch(repo_copy: Path):
+    sh("dvc", "repro", *OFFLINE, cwd=repo_copy)  # up to date whatever ran before
+    set_epochs(repo_copy, {"digits-lenet5_gap": 3})
+    rerun = sh("dvc", "repro", *OFFLINE, cwd=repo_copy)
+    assert ran(rerun.stdout) == {"train@digits-lenet5_gap", "evaluate@digits-lenet5_gap"}
+
+
+@pytest.mark.slow
+def test_dvc_experiment_shows_in_exp_show_and_mlflow(repo_copy: Path):
+    sh("dvc", "repro", *OFFLINE, cwd=repo_copy)
+    sh("git", "add", "-A", cwd=repo_copy)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock", cwd=repo_copy)
+    change = ("-S", "runs.digits-lenet5.epochs=3", "-n", "longer")
+    experiment = sh("dvc", "exp", "run", *change, "evaluate@digits-lenet5", cwd=repo_copy)
+    assert ran(experiment.stdout) == {"train@digits-lenet5", "evaluate@digits-lenet5"}
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo_copy).stdout)
+    experiments = [e for commit in shown for e in (commit.get("experiments") or [])]
+    longer = [e for e in experiments if e["name"] == "longer"]
+    assert longer, shown
+    data = longer[0]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["runs"]["digits-lenet5"]["epochs"] == 3
+    assert "test_acc" in data["metrics"]["reports/digits-lenet5/metrics.json"]["data"]
+    client = MlflowClient(f"sqlite:///{repo_copy / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("digits").experiment_id
+    epochs = {r.data.params["trainer.max_epochs"] for r in client.search_runs([experiment])}
+    assert "3" in epochs

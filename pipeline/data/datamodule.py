@@ -25,7 +25,9 @@ class Batches:
 
     With `shuffle`, each epoch draws a new permutation from `seed` and the epoch number, the
     same on every rank, so the ranks' shards (every `world_size`-th index from `rank`)
-    partition the epoch, and a resumed run sees the order an uninterrupted one would.
+    partition the epoch, and a resumed run sees the order an uninterrupted one would. Like
+    DistributedSampler, the order is padded with its first indices to a multiple of
+    `world_size`: every rank takes the same number of batches, as DDP's all-reduce needs.
     """
 
     def __init__(
@@ -41,7 +43,7 @@ class Batches:
         self.images, self.labels = split.images, split.labels
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
-        self.shard_size = math.ceil((len(self.labels) - rank) / world_size)
+        self.shard_size = math.ceil(len(self.labels) / world_size)
 
     def __len__(self) -> int:
         return math.ceil(self.shard_size / self.batch_size)
@@ -53,7 +55,8 @@ class Batches:
             order = torch.randperm(len(self.labels), generator=generator).to(device)
         else:
             order = torch.arange(len(self.labels), device=device)
-        shard = order[self.rank :: self.world_size]
+        padding = self.shard_size * self.world_size - len(order)
+        shard = torch.cat([order, order[:padding]])[self.rank :: self.world_size]
         for start in range(0, len(shard), self.batch_size):
             rows = shard[start : start + self.batch_size]
             yield self.images[rows], self.labels[rows]
