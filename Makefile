@@ -23,9 +23,13 @@ $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 test: install
 	pytest
 
+# Offline: the DVC pipeline on the real digits data (LeNet-5 x fc/gap/spp and LeCun 1998),
+# a small parallel sweep grouped under one MLflow parent run, then the results table.
 demo: install
-	dvc repro preprocess@digits
-	python -m pipeline.train experiment=digits
+	dvc repro --glob 'evaluate@digits-*'
+	python -m pipeline.train -m experiment=digits model.head=fc,gap,spp trainer.max_epochs=15 \
+		hydra/launcher=joblib hydra.launcher.n_jobs=2
+	python -m pipeline.report
 
 lint: install
 	ruff check .
