@@ -38,14 +38,15 @@ def sweep(tmp: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedPro
     return result
 
 
-def sweep_runs(tmp: Path) -> tuple[MlflowClient, Run, list[Run]]:
-    """(client, parent run, child runs) of the sweep in `tmp`/sweep."""
+def sweep_runs(tmp: Path, others: int = 0) -> tuple[MlflowClient, Run, list[Run]]:
+    """(client, parent run, child runs) of the sweep in `tmp`/sweep, which shares the store
+    with `others` runs."""
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     parent = client.get_run(json.loads((tmp / "sweep" / SWEEP_FILE).read_text())["run_id"])
     experiments = [e.experiment_id for e in client.search_experiments()]
     every = client.search_runs(experiments)
     children = [r for r in every if r.data.tags.get(PARENT_TAG) == parent.info.run_id]
-    assert len(every) == len(children) + 1  # nothing but the sweep in the store
+    assert len(every) == len(children) + 1 + others  # no run lost, none extra
     return client, parent, children
 
 
@@ -71,6 +72,16 @@ def assert_parent_records_the_best(client: MlflowClient, parent: Run, children: 
 
 @pytest.mark.slow
 def test_parallel_joblib_trials_are_child_runs_of_one_sweep_run(tmp_path, data_dir):
+    # another sweep, started at the same moment, races to create the same new store; its one
+    # trial is rejected by config validation, so it costs no training
+    rival = subprocess.Popen(
+        cli(tmp_path, tmp_path / "no-data", "optimizer.momentum=1.5", "-m"),
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     result = sweep(
         tmp_path,
         data_dir,
@@ -79,8 +90,15 @@ def test_parallel_joblib_trials_are_child_runs_of_one_sweep_run(tmp_path, data_d
         "model.head=fc,gap",
         "optimizer.lr=0.01,0.001",
     )
-    client, parent, children = sweep_runs(tmp_path)
+    rival_output = rival.communicate(timeout=300)[0]
+    assert rival.returncode == 1 and "optimizer.momentum" in rival_output, rival_output[-3000:]
+    client, parent, children = sweep_runs(tmp_path, others=1)
     assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    (rival_dir,) = (tmp_path / "multirun").glob("*/*")  # the default multirun/DATE/TIME
+    rival_parent = client.get_run(json.loads((rival_dir / SWEEP_FILE).read_text())["run_id"])
+    assert rival_parent.info.status == "FAILED"  # its only trial failed: so did the sweep
+    assert [t["status"] for t in trials(rival_dir)] == ["FAILED"]
+    assert rival_parent.info.experiment_id == parent.info.experiment_id
     grid = {(r.data.params["model.head"], r.data.params["optimizer.lr"]) for r in children}
     assert grid == {("fc", "0.01"), ("fc", "0.001"), ("gap", "0.01"), ("gap", "0.001")}
     for run in children:
@@ -184,33 +202,3 @@ def test_sweeps_and_runs_started_in_the_same_second_get_their_own_dirs():
     assert first[0][:-7] == second[0][:-7]  # multirun/DATE/HH-MM-SS, then -microseconds
     assert first[0] != second[0] and first[1] != second[1]
     assert first[0].startswith("multirun/") and first[1].startswith("outputs/")
-
-
-@pytest.mark.slow
-def test_two_sweeps_started_at_once_share_a_new_store_without_collisions(tmp_path):
-    """Both create the same sqlite store and experiment at the same moment; their one trial is
-    rejected by config validation, so the check costs no training."""
-    command = cli(tmp_path, tmp_path / "no-data", "optimizer.momentum=1.5", "-m")
-    sweeps = [
-        subprocess.Popen(
-            command,
-            cwd=tmp_path,
-            env=env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outputs = [process.communicate(timeout=300)[0] for process in sweeps]
-    assert [process.returncode for process in sweeps] == [1, 1], outputs  # the trial failed
-    assert all("optimizer.momentum" in output for output in outputs)
-    sweep_dirs = sorted((tmp_path / "multirun").glob("*/*"))
-    assert len(sweep_dirs) == 2
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parents = {json.loads((d / SWEEP_FILE).read_text())["run_id"] for d in sweep_dirs}
-    assert len(parents) == 2
-    assert {client.get_run(p).info.status for p in parents} == {"FAILED"}
-    assert sorted(e.name for e in client.search_experiments()) == ["Default", "digits"]
-    for sweep_dir in sweep_dirs:
-        assert [t["status"] for t in trials(sweep_dir)] == ["FAILED"]
