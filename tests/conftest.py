@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import DatasetConfig, Source
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -93,3 +95,21 @@ def cli(tmp: Path, data_dir: Path, *overrides: str) -> list[str]:
 
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+MNIST = (1, 28, 28)
+CIFAR = (3, 32, 32)
+
+
+def dataset_config(shape: tuple[int, int, int] = MNIST, classes: int = 10) -> DatasetConfig:
+    """A dataset config of the given image shape and class count, for building networks."""
+    channels, height, width = shape
+    return DatasetConfig(
+        name="test",
+        source=Source.MNIST,
+        channels=channels,
+        height=height,
+        width=width,
+        classes=[str(i) for i in range(classes)],
+        val_size=0,
+    )

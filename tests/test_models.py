@@ -14,7 +14,6 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pipeline.cli import CONF_DIR
-from pipeline.config import DatasetConfig, Source
 from pipeline.errors import ConfigError
 from pipeline.models import InputShapeError, ModelConfig, Network, build_model
 from pipeline.models.backbones import BACKBONES, LECUN_C3_TABLE
@@ -29,24 +28,9 @@ from pipeline.models.layers import (
     TrainableSubsampling,
     hadamard_codes,
 )
+from tests.conftest import CIFAR, MNIST, dataset_config
 
-MNIST = (1, 28, 28)
-CIFAR = (3, 32, 32)
 BANKS = [name for name in FIRST_LAYERS if name != "learned"]
-
-
-def dataset(shape: tuple[int, int, int] = MNIST, classes: int = 10) -> DatasetConfig:
-    channels, height, width = shape
-    names = [str(i) for i in range(classes)]
-    return DatasetConfig(
-        name="test",
-        source=Source.MNIST,
-        channels=channels,
-        height=height,
-        width=width,
-        classes=names,
-        val_size=0,
-    )
 
 
 def build(
@@ -57,7 +41,7 @@ def build(
     **options,
 ) -> Network:
     return build_model(
-        ModelConfig(backbone=backbone, head=head, **options), dataset(shape, classes)
+        ModelConfig(backbone=backbone, head=head, **options), dataset_config(shape, classes)
     )
 
 

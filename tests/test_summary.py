@@ -10,34 +10,18 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from pipeline.cli import CONF_DIR
-from pipeline.config import DatasetConfig, Source, validate
+from pipeline.config import validate
 from pipeline.errors import ConfigError
 from pipeline.models import ModelConfig, Network, build_model
 from pipeline.models.config import BACKBONE_NAMES, HEAD_NAMES
 from pipeline.models.geometry import conv_output_size
 from pipeline.summary import LayerRow, SummaryConfig, describe, format_table, layer_rows
-from tests.conftest import run_module
-
-MNIST = (1, 28, 28)
-
-
-def dataset(shape: tuple[int, int, int] = MNIST, classes: int = 10) -> DatasetConfig:
-    channels, height, width = shape
-    names = [str(i) for i in range(classes)]
-    return DatasetConfig(
-        name="test",
-        source=Source.MNIST,
-        channels=channels,
-        height=height,
-        width=width,
-        classes=names,
-        val_size=0,
-    )
+from tests.conftest import MNIST, dataset_config, run_module
 
 
 @functools.cache
 def rows_of(backbone: str, head: str = "fc", **options: str) -> dict[str, LayerRow]:
-    model = build_model(ModelConfig(backbone=backbone, head=head, **options), dataset())
+    model = build_model(ModelConfig(backbone=backbone, head=head, **options), dataset_config())
     return {row.name: row for row in layer_rows(model.layers(), model.expected_input)}
 
 
@@ -172,7 +156,7 @@ def test_a_frozen_first_layer_is_reported_as_frozen() -> None:
 @pytest.mark.parametrize("head", HEAD_NAMES)
 @pytest.mark.parametrize("backbone", BACKBONE_NAMES)
 def test_report_shapes_are_the_shapes_a_forward_pass_gives(backbone: str, head: str) -> None:
-    model = build_model(ModelConfig(backbone=backbone, head=head), dataset())
+    model = build_model(ModelConfig(backbone=backbone, head=head), dataset_config())
     sizes = [MNIST] if head == "fc" else [MNIST, (1, 48, 48)]
     for shape in sizes:
         outputs = _block_outputs(model.eval(), shape)
