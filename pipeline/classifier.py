@@ -80,7 +80,8 @@ class Classifier(L.LightningModule):
         return loss
 
     def _log_epoch_metric(self, name: str, metric: MulticlassAccuracy) -> None:
-        self.log(name, metric.compute(), prog_bar=name == "val/acc")
+        # on_epoch: the loggers get it at the epoch's end, whichever step logged it
+        self.log(name, metric.compute(), on_step=False, on_epoch=True, prog_bar=name == "val/acc")
         metric.reset()
 
     def _evaluate(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
