@@ -133,7 +133,7 @@ class TrainerConfig:
     max_epochs: int = 10
     # early stopping on val/acc after this many epochs without improvement; null: off
     early_stopping_patience: int | None = None
-    log_every_n_steps: int = 10
+    log_every_n_steps: int = 50
 
     def __post_init__(self) -> None:
         _one_of(self.accelerator, "trainer.accelerator", ("cpu", "gpu", "cuda", "mps", "auto"))

@@ -24,6 +24,7 @@ from pipeline.train import TrainConfig, train
 from tests.conftest import cli, env, run_module
 
 FAST = ("trainer.max_epochs=2", "data.batch_size=64", "optimizer=adam")
+LOGGED = (*FAST, "trainer.log_every_n_steps=5")  # 2 x 18 steps: step metrics reach MLflow
 
 
 def train_config(*overrides: str) -> TrainConfig:
@@ -50,7 +51,7 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str
 @pytest.fixture(scope="module")
 def lenet_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
     tmp = tmp_path_factory.mktemp("lenet")
-    return run_training(tmp, data_dir, *FAST)
+    return run_training(tmp, data_dir, *LOGGED)
 
 
 def test_run_records_params_metrics_tags_and_artifacts(lenet_run):
@@ -86,7 +87,7 @@ def test_run_records_params_metrics_tags_and_artifacts(lenet_run):
 
 
 def test_same_config_and_seed_give_the_same_metrics(lenet_run, tmp_path, data_dir):
-    again, _, _ = run_training(tmp_path, data_dir, *FAST)
+    again, _, _ = run_training(tmp_path, data_dir, *LOGGED)
     assert again == lenet_run[0]
 
 

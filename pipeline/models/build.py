@@ -61,19 +61,20 @@ class Network(nn.Module):
         channels = self.expected_input[0]
         if len(shape) != 4:
             raise InputShapeError(f"{self.name} takes a batch N x C x H x W, got shape {shape}")
-        got = _fmt(shape[1:])
         if self.fixed_size and shape[1:] != self.expected_input:
             raise InputShapeError(
                 f"{self.name} expects {_fmt(self.expected_input)} input (its training size), "
-                f"got {got}; use head=gap or head=spp for other sizes, or resize"
+                f"got {_fmt(shape[1:])}; use head=gap or head=spp for other sizes, or resize"
             )
         if shape[1] != channels:
-            raise InputShapeError(f"{self.name} expects {channels}-channel input, got {got}")
+            raise InputShapeError(
+                f"{self.name} expects {channels}-channel input, got {_fmt(shape[1:])}"
+            )
         side = self.min_input_size
         if min(shape[2:]) < side:
             raise InputShapeError(
                 f"{self.name} needs inputs of at least {channels}x{side}x{side} (smaller maps "
-                f"vanish before its head), got {got}"
+                f"vanish before its head), got {_fmt(shape[1:])}"
             )
 
     def layers(self) -> list[tuple[str, nn.Module]]:
