@@ -81,6 +81,12 @@ def test_offline_profile_end_to_end_then_nothing_to_do(repo_copy: Path):
     client = MlflowClient(f"sqlite:///{repo_copy / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
     assert len(runs) == 4
+    for run in runs:  # evaluated once, by the evaluate stage, into the training's run
+        logged = {item.path for item in client.list_artifacts(run.info.run_id, "evaluation")}
+        assert {"evaluation/best.ckpt", "evaluation/metrics.json"} <= logged
+        history = client.get_metric_history(run.info.run_id, "test/acc_at_size")
+        assert sorted(m.step for m in history) == [21, 28, 42, 56]
+    assert not any((repo_copy / "runs" / run / "eval").exists() for run in DIGITS_RUNS)
 
 
 @pytest.mark.slow
