@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=20_000, help="training images per epoch")
     parser.add_argument("--epochs", type=int, default=4, help="timed epochs (plus a warm-up)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256, 512])
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

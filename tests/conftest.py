@@ -12,11 +12,22 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from pipeline.config import DatasetConfig, Source
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def own_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test names its own MLflow store. Lightning's MLFlowLogger calls
+    mlflow.set_tracking_uri, which also exports MLFLOW_TRACKING_URI to every later
+    subprocess: unset, a test's store cannot leak into the next test's `dvc repro`."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    mlflow.set_tracking_uri(None)
 
 
 class Mirror:
