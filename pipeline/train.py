@@ -257,16 +257,12 @@ def train(
     if not trainer.is_global_zero:
         return metrics
     logger.log_metrics({"val/acc_best": metrics["val/acc_best"]})
-    checkpoint = output_dir / "checkpoints" / "best.ckpt"
     if cfg.mlflow.log_checkpoint:
-        logger.experiment.log_artifact(logger.run_id, str(checkpoint), "evaluation")
-    if cfg.train.evaluate:
-        best_module = Classifier.load_from_checkpoint(
-            checkpoint, map_location="cpu", weights_only=True
-        )
+        logger.experiment.log_artifact(logger.run_id, best.best_model_path, "evaluation")
+    if cfg.train.evaluate:  # `module` holds the best weights: trainer.test loaded them
         test = datamodule.splits["test"]
-        evaluation = evaluate(best_module, test, cfg.train.eval_scales, cfg.data.eval_batch_size)
-        files = write_reports(evaluation, best_module, test, output_dir / "eval")
+        evaluation = evaluate(module, test, cfg.train.eval_scales, cfg.data.eval_batch_size)
+        files = write_reports(evaluation, module, test, output_dir / "eval")
         log_to_run(output_dir, files, evaluation)
         metrics.update({f"test/acc_at_{r['size']}px": r["accuracy"] for r in evaluation.resolution})
     log.info("output: %s  mlflow run: %s", output_dir, logger.run_id)
