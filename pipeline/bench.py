@@ -3,14 +3,14 @@
 Measures what the pipeline's speed rests on, with the pipeline's own code, side by side with
 the plainest PyTorch equivalent in the same process:
 - loading a preprocessed split of MNIST's size (70,000 x 1 x 28 x 28 uint8) into memory;
-- training LeNet-5 on MNIST-shaped data: the pipeline's path (Classifier, TensorDataModule,
-  the Trainer of `pipeline.train` with its progress bar and MLflow logging) against a
+- training LeNet-5 on MNIST-shaped data: `pipeline.train.train` itself (its Trainer,
+  callbacks, progress bar and MLflow run, in a temporary sqlite store) against a
   hand-written loop over the same network, data, batch size, optimizer and threads.
 
 The two trainings alternate step by step in one process (a plain step runs at the end of
 each of the pipeline's steps), so the jitter of a shared machine hits both alike; the
-figures are totals over the epochs after a warm-up epoch. On a GPU each step ends with a
-synchronisation, which the timing needs.
+figures are totals over the epochs after a warm-up epoch, validation and checkpointing
+left out. On a GPU each step ends with a synchronisation, which the timing needs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import itertools
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +27,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from lightning.pytorch.loggers import MLFlowLogger
 
 from pipeline.cli import CONF_DIR
-from pipeline.config import DatasetConfig, validate
-from pipeline.data.datamodule import Batches, TensorDataModule
+from pipeline.config import validate
+from pipeline.data.datamodule import Batches
 from pipeline.data.preprocess import describe
 from pipeline.data.store import Split, load_split, read_meta, save_split, write_meta
 from pipeline.models import build_model
-from pipeline.train import TrainConfig, build_module, build_trainer
+from pipeline.train import TrainConfig, train
 
 MNIST_SHAPE = (1, 28, 28)
 
@@ -60,31 +58,52 @@ def bench_load(directory: Path, repeats: int = 5) -> list[float]:
     return times
 
 
-def training_config(batch_size: int) -> TrainConfig:
-    overrides = [f"data.batch_size={batch_size}", "model=lenet5", "dataset=mnist"]
+def training_config(batch_size: int, directory: Path, epochs: int, device: str) -> TrainConfig:
+    """The MNIST LeNet-5 training, `epochs` epochs after a warm-up one, all files in `directory`."""
+    overrides = [
+        "model=lenet5",
+        "dataset=mnist",
+        "dataset.val_size=1000",
+        f"data.batch_size={batch_size}",
+        f"paths.data_dir={directory}",
+        f"trainer.accelerator={device}",
+        f"trainer.max_epochs={epochs + 1}",
+        "train.evaluate=false",
+        f"mlflow.tracking_uri=sqlite:///{directory}/mlflow.db",
+        "mlflow.experiment=bench",
+    ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return validate(compose("config", overrides=overrides), TrainConfig)
 
 
-def write_dataset(directory: Path, dataset: DatasetConfig, train: int) -> None:
-    splits = {"train": fake_split(train), "val": fake_split(1000, 1), "test": fake_split(1000, 2)}
+def write_dataset(cfg: TrainConfig, train_images: int) -> None:
+    """MNIST-shaped random data where the config's training reads it."""
+    directory = cfg.paths.processed_dir(cfg.dataset.name)
+    directory.mkdir(parents=True, exist_ok=True)
+    splits = {
+        "train": fake_split(train_images),
+        "val": fake_split(cfg.dataset.val_size, 1),
+        "test": fake_split(1000, 2),
+    }
     for name, split in splits.items():
         save_split(directory, name, split)
-    write_meta(directory, describe(splits, dataset))
+    write_meta(directory, describe(splits, cfg.dataset))
 
 
 class PlainLoop:
     """The same training as a bare PyTorch loop: network, SGD, normalisation and batches."""
 
-    def __init__(self, cfg: TrainConfig, directory: Path, device: str) -> None:
-        train = Split(*(t.to(device) for t in load_split(directory, "train")))
+    def __init__(self, cfg: TrainConfig) -> None:
+        device = cfg.trainer.accelerator
+        directory = cfg.paths.processed_dir(cfg.dataset.name)
+        split = Split(*(t.to(device) for t in load_split(directory, "train")))
         self.network = build_model(cfg.model, cfg.dataset).to(device)
         self.optimizer = torch.optim.SGD(
             self.network.parameters(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum
         )
         meta = read_meta(directory)
         self.mean, self.std = meta["train_mean"][0] * 255, meta["train_std"][0] * 255
-        epochs = (Batches(train, cfg.data.batch_size, shuffle=True) for _ in itertools.count())
+        epochs = (Batches(split, cfg.data.batch_size, shuffle=True) for _ in itertools.count())
         self.batches = itertools.chain.from_iterable(epochs)
 
     def step(self) -> None:
@@ -104,7 +123,7 @@ class Interleave(L.Callback):
 
     def __init__(self, plain: PlainLoop) -> None:
         self.plain = plain
-        self.seconds = {"pipeline": 0.0, "plain PyTorch loop": 0.0}
+        self.seconds = {"pipeline": 0.0, "plain": 0.0}
         self.images = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -120,7 +139,7 @@ class Interleave(L.Callback):
         self.seconds["pipeline"] += start - self.mark
         self.plain.step()
         self.mark = self.now(pl_module.device)
-        self.seconds["plain PyTorch loop"] += self.mark - start
+        self.seconds["plain"] += self.mark - start
         self.images += len(batch[1])
 
     @staticmethod
@@ -130,26 +149,18 @@ class Interleave(L.Callback):
         return time.perf_counter()
 
 
-def bench_training(cfg: TrainConfig, directory: Path, epochs: int, device: str) -> Interleave:
-    """`epochs` epochs (after a warm-up one) of the pipeline, each step followed by a plain one."""
-    datamodule = TensorDataModule(directory, cfg.data.batch_size, cfg.data.eval_batch_size, 0)
-    interleave = Interleave(PlainLoop(cfg, directory, device))
-    trainer = build_trainer(
-        replace(cfg.trainer, accelerator=device, max_epochs=epochs + 1),
-        directory,
-        MLFlowLogger("bench", tracking_uri=f"sqlite:///{directory}/mlflow.db"),
-        [interleave],
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(build_module(cfg, datamodule.meta), datamodule)
+def bench_training(cfg: TrainConfig, output_dir: Path) -> Interleave:
+    """The training of `cfg`, each of its steps followed by a plain one."""
+    interleave = Interleave(PlainLoop(cfg))
+    train(cfg, output_dir, extra_callbacks=[interleave])
     return interleave
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--images", type=int, default=20_000, help="training images per epoch")
     parser.add_argument("--epochs", type=int, default=4, help="timed epochs (plus a warm-up)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256, 512])
@@ -158,26 +169,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         times = bench_load(directory)
-        print(
-            f"load 70,000 x 1 x 28 x 28 uint8 split: first {times[0] * 1e3:.1f} ms, "
-            f"median {statistics.median(times) * 1e3:.1f} ms, best {min(times) * 1e3:.1f} ms"
-        )
+        timed: dict[int, Interleave] = {}
         for batch_size in args.batch_sizes:
-            cfg = training_config(batch_size)
-            write_dataset(directory, cfg.dataset, args.images)
-            report(bench_training(cfg, directory, args.epochs, args.device), args, batch_size)
-
-
-def report(interleave: Interleave, args: argparse.Namespace, batch_size: int) -> None:
-    print(
-        f"LeNet-5 training on {args.device} ({torch.get_num_threads()} threads, batch "
-        f"{batch_size}, {interleave.images:,} images in {args.epochs} epochs, interleaved):"
+            cfg = training_config(batch_size, directory, args.epochs, args.device)
+            write_dataset(cfg, args.images)
+            timed[batch_size] = bench_training(cfg, directory / f"batch-{batch_size}")
+    print(  # after the trainings' own output
+        f"\nload 70,000 x 1 x 28 x 28 uint8 split: median {statistics.median(times) * 1e3:.1f} ms "
+        f"(first {times[0] * 1e3:.1f} ms, best {min(times) * 1e3:.1f} ms)"
     )
-    rates = {name: interleave.images / s for name, s in interleave.seconds.items()}
-    for name, rate in rates.items():
-        print(f"  {name:<20} {rate:10,.0f} images/s")
-    ratio = rates["pipeline"] / rates["plain PyTorch loop"]
-    print(f"  {'ratio':<20} {ratio:10.3f}", flush=True)
+    print(report(timed, args.device, args.epochs))
+
+
+def report(timed: dict[int, Interleave], device: str, epochs: int) -> str:
+    """A table of images/s of the pipeline and the plain loop, and their ratio, per batch size."""
+    lines = [
+        f"LeNet-5 training on {device}, {torch.get_num_threads()} threads, {epochs} timed epochs, "
+        "interleaved step by step:",
+        f"{'batch':>7} {'pipeline img/s':>16} {'plain loop img/s':>18} {'ratio':>7}",
+    ]
+    for batch_size, interleave in timed.items():
+        pipeline, plain = (interleave.images / interleave.seconds[k] for k in ("pipeline", "plain"))
+        lines.append(f"{batch_size:>7} {pipeline:>16,.0f} {plain:>18,.0f} {pipeline / plain:>7.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

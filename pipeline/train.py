@@ -21,23 +21,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import (
-    EarlyStopping,
-    LearningRateMonitor,
-    ModelCheckpoint,
-    RichProgressBar,
-)
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline.callbacks import ProgressBar, StopOnDivergence
 from pipeline.classifier import Classifier
 from pipeline.cli import hydra_entry
 from pipeline.config import (
@@ -134,20 +129,6 @@ def resume_point(output_dir: Path) -> tuple[Path, str]:
     return checkpoint, read_run(output_dir)["run_id"]
 
 
-class StopOnDivergence(L.Callback):
-    """Stops fitting, on every rank at once, after an epoch whose training loss is not finite."""
-
-    def __init__(self) -> None:
-        self.epoch: int | None = None  # the epoch that diverged
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loss = trainer.callback_metrics.get("train/loss_epoch")
-        bad = loss is not None and not bool(torch.isfinite(loss).all())
-        if trainer.strategy.reduce_boolean_decision(bad, all=False):
-            self.epoch = trainer.current_epoch
-            trainer.should_stop = True
-
-
 def build_module(cfg: TrainConfig, meta: dict) -> Classifier:
     """The LightningModule for `cfg`, normalising with the preprocessed data's statistics."""
     return Classifier(
@@ -163,16 +144,8 @@ def build_module(cfg: TrainConfig, meta: dict) -> Classifier:
 
 
 def build_trainer(
-    cfg: TrainerConfig,
-    output_dir: Path,
-    logger: Logger | bool,
-    callbacks: list[L.Callback],
-    **overrides: Any,
+    cfg: TrainerConfig, output_dir: Path, logger: Logger, callbacks: list[L.Callback]
 ) -> L.Trainer:
-    """The Trainer of every training, and the one `make bench` times."""
-    # Rich redraws from its own thread: at Lightning's default of 100 times a second that
-    # thread takes ~5% of a CPU training's time from the steps; 4 a second is enough to read.
-    progress_bar = RichProgressBar(refresh_rate=4)
     return L.Trainer(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
@@ -183,21 +156,25 @@ def build_trainer(
         max_epochs=cfg.max_epochs,
         log_every_n_steps=cfg.log_every_n_steps,
         logger=logger,
-        callbacks=[*callbacks, progress_bar],
+        callbacks=[*callbacks, ProgressBar()],
         default_root_dir=output_dir,
-        **overrides,
     )
 
 
 def train(
-    cfg: TrainConfig, output_dir: Path, run_tags: Mapping[str, str] | None = None
+    cfg: TrainConfig,
+    output_dir: Path,
+    run_tags: Mapping[str, str] | None = None,
+    extra_callbacks: Sequence[L.Callback] = (),
 ) -> dict[str, float]:
     """Fit, test and evaluate one model; returns the final metrics (on rank 0: all of them).
 
-    `run_tags` go on a new MLflow run (a sweep trial: `mlflow.parentRunId`). A training whose
-    loss stops being finite ends its run as FAILED and raises a PipelineError (on rank 0).
+    `run_tags` go on a new MLflow run (a sweep trial: `mlflow.parentRunId`); `extra_callbacks`
+    join the training's own (`make bench` times the steps with one). A training whose loss stops
+    being finite ends its run as FAILED and raises a PipelineError (on rank 0).
     """
     L.seed_everything(cfg.seed, workers=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
     datamodule = TensorDataModule(
         cfg.paths.processed_dir(cfg.dataset.name),
         cfg.data.batch_size,
@@ -234,8 +211,9 @@ def train(
     # Lightning's save_last only writes when `best` does; resuming needs every epoch's state.
     last = ModelCheckpoint(output_dir / "checkpoints", "last", enable_version_counter=False)
     divergence = StopOnDivergence()
-    callbacks: list[L.Callback] = [best, last, LearningRateMonitor("epoch"), recorder, divergence]
-    callbacks.append(EpochHistory(output_dir / "history.csv"))
+    history = EpochHistory(output_dir / "history.csv")
+    callbacks = [best, last, LearningRateMonitor("epoch"), recorder, divergence, history]
+    callbacks.extend(extra_callbacks)
     if cfg.trainer.early_stopping_patience:
         callbacks.append(
             EarlyStopping("val/acc", mode="max", patience=cfg.trainer.early_stopping_patience)

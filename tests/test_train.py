@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -37,7 +38,6 @@ def run_training(tmp: Path, data_dir: Path, *overrides: str) -> tuple[dict, Path
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = train_config(f"paths.data_dir={data_dir}", f"mlflow.tracking_uri={uri}", *overrides)
     output_dir = tmp / "run"
-    output_dir.mkdir(parents=True)
     return train(cfg, output_dir), output_dir, uri
 
 
@@ -142,6 +142,27 @@ def test_every_backbone_and_head_trains(backbone: str, head: str, tmp_path, data
 def test_lenet5_reaches_98_percent_on_real_digits(tmp_path, data_dir):
     metrics, _, _ = run_training(tmp_path, data_dir, "experiment=digits")
     assert metrics["test/acc"] >= 0.98
+
+
+class ShownProgress(L.Callback):
+    """What the progress bar shows at the end of each training epoch: (batches done, total)."""
+
+    def __init__(self) -> None:
+        self.shown: list[tuple[float, float | None]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        bar = trainer.progress_bar_callback
+        task = bar.progress.tasks[bar.train_progress_bar_id]
+        self.shown.append((task.completed, task.total))
+
+
+def test_progress_bar_skips_steps_between_redraws_but_ends_each_epoch_complete(tmp_path, data_dir):
+    cfg = train_config(
+        f"paths.data_dir={data_dir}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/db", *FAST
+    )
+    probe = ShownProgress()
+    train(cfg, tmp_path / "run", extra_callbacks=[probe])
+    assert probe.shown == [(18, 18), (18, 18)]  # digits: 1,137 training images, batches of 64
 
 
 @pytest.mark.parametrize(
