@@ -26,10 +26,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 
-from pipeline.cli import CONF_DIR
-from pipeline.config import validate
+from pipeline.cli import compose_config
 from pipeline.data.datamodule import Batches
 from pipeline.data.preprocess import describe
 from pipeline.data.store import Split, load_split, read_meta, save_split, write_meta
@@ -72,8 +70,7 @@ def training_config(batch_size: int, directory: Path, epochs: int, device: str) 
         f"mlflow.tracking_uri=sqlite:///{directory}/mlflow.db",
         "mlflow.experiment=bench",
     ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return validate(compose("config", overrides=overrides), TrainConfig)
+    return compose_config("config", TrainConfig, overrides)
 
 
 def write_dataset(cfg: TrainConfig, train_images: int) -> None:

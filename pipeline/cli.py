@@ -5,14 +5,16 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import T, validate
 from pipeline.errors import PipelineError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -23,6 +25,13 @@ log = logging.getLogger("pipeline")
 OmegaConf.register_new_resolver(
     "coalesce", lambda *values: next((v for v in values if v is not None), None), replace=True
 )
+
+
+def compose_config(config_name: str, schema: type[T], overrides: Sequence[str] = ()) -> T:
+    """`conf/<config_name>.yaml` with command-line overrides, validated, outside a Hydra main
+    (tests, `make bench`)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return validate(compose(config_name, overrides=list(overrides)), schema)
 
 
 def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:

@@ -76,17 +76,15 @@ def run_module(module: str, *overrides: str, cwd: Path = REPO) -> subprocess.Com
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real digits data, fetched and preprocessed by the pipeline's own stages."""
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.cli import CONF_DIR
-    from pipeline.config import DataStageConfig, validate
+    from pipeline.cli import compose_config
+    from pipeline.config import DataStageConfig
     from pipeline.data.fetch import fetch
     from pipeline.data.preprocess import preprocess
 
     directory = tmp_path_factory.mktemp("data")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("data", overrides=["dataset=digits", f"paths.data_dir={directory}"])
-    stage = validate(cfg, DataStageConfig)
+    stage = compose_config(
+        "data", DataStageConfig, ["dataset=digits", f"paths.data_dir={directory}"]
+    )
     fetch(stage)
     preprocess(stage)
     return directory

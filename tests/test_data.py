@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 
-from pipeline.cli import CONF_DIR
-from pipeline.config import DataStageConfig, validate
+from pipeline.cli import compose_config
+from pipeline.config import DataStageConfig
 from pipeline.data.fetch import fetch
 from pipeline.data.preprocess import preprocess
 from pipeline.data.store import SPLITS, atomic_directory, load_split, read_meta
@@ -28,8 +27,7 @@ CIFAR_CLASSES = [
 
 
 def data_config(*overrides: str) -> DataStageConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return validate(compose("data", overrides=list(overrides)), DataStageConfig)
+    return compose_config("data", DataStageConfig, overrides)
 
 
 def checksums_override(files: dict[str, bytes]) -> str:

@@ -6,11 +6,9 @@ import functools
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 
-from pipeline.cli import CONF_DIR
-from pipeline.config import validate
+from pipeline.cli import compose_config
 from pipeline.errors import ConfigError
 from pipeline.models import ModelConfig, Network, build_model
 from pipeline.models.config import BACKBONE_NAMES, HEAD_NAMES
@@ -26,8 +24,7 @@ def rows_of(backbone: str, head: str = "fc", **options: str) -> dict[str, LayerR
 
 
 def summary_config(*overrides: str) -> SummaryConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return validate(compose("summary", overrides=list(overrides)), SummaryConfig)
+    return compose_config("summary", SummaryConfig, overrides)
 
 
 # --- the output-size formula (seed 001) --------------------------------------------------

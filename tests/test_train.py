@@ -11,13 +11,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from mlflow.tracking import MlflowClient
 
 from pipeline.classifier import Classifier
-from pipeline.cli import CONF_DIR
-from pipeline.config import validate
+from pipeline.cli import compose_config
 from pipeline.errors import ConfigError
 from pipeline.models import InputShapeError
 from pipeline.tracking import read_run
@@ -29,8 +27,7 @@ LOGGED = (*FAST, "trainer.log_every_n_steps=5")  # 2 x 18 steps: step metrics re
 
 
 def train_config(*overrides: str) -> TrainConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return validate(compose("config", overrides=list(overrides)), TrainConfig)
+    return compose_config("config", TrainConfig, overrides)
 
 
 def run_training(tmp: Path, data_dir: Path, *overrides: str) -> tuple[dict, Path, str]:
