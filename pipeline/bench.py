@@ -32,6 +32,7 @@ from pipeline.data.datamodule import Batches
 from pipeline.data.preprocess import describe
 from pipeline.data.store import Split, load_split, read_meta, save_split, write_meta
 from pipeline.models import build_model
+from pipeline.optim import build_optimizer
 from pipeline.train import TrainConfig, train
 
 MNIST_SHAPE = (1, 28, 28)
@@ -88,16 +89,14 @@ def write_dataset(cfg: TrainConfig, train_images: int) -> None:
 
 
 class PlainLoop:
-    """The same training as a bare PyTorch loop: network, SGD, normalisation and batches."""
+    """The same training as a bare PyTorch loop: network, optimizer, normalisation, batches."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         device = cfg.trainer.accelerator
         directory = cfg.paths.processed_dir(cfg.dataset.name)
         split = Split(*(t.to(device) for t in load_split(directory, "train")))
         self.network = build_model(cfg.model, cfg.dataset).to(device)
-        self.optimizer = torch.optim.SGD(
-            self.network.parameters(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum
-        )
+        self.optimizer = build_optimizer(self.network.parameters(), cfg.optimizer)
         meta = read_meta(directory)
         self.mean, self.std = meta["train_mean"][0] * 255, meta["train_std"][0] * 255
         epochs = (Batches(split, cfg.data.batch_size, shuffle=True) for _ in itertools.count())

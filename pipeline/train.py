@@ -29,7 +29,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import Logger, MLFlowLogger
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline.callbacks import ProgressBar, StopOnDivergence
@@ -143,24 +143,6 @@ def build_module(cfg: TrainConfig, meta: dict) -> Classifier:
     )
 
 
-def build_trainer(
-    cfg: TrainerConfig, output_dir: Path, logger: Logger, callbacks: list[L.Callback]
-) -> L.Trainer:
-    return L.Trainer(
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
-        precision=cfg.precision,
-        deterministic=cfg.deterministic,
-        max_epochs=cfg.max_epochs,
-        log_every_n_steps=cfg.log_every_n_steps,
-        logger=logger,
-        callbacks=[*callbacks, ProgressBar()],
-        default_root_dir=output_dir,
-    )
-
-
 def train(
     cfg: TrainConfig,
     output_dir: Path,
@@ -218,7 +200,19 @@ def train(
         callbacks.append(
             EarlyStopping("val/acc", mode="max", patience=cfg.trainer.early_stopping_patience)
         )
-    trainer = build_trainer(cfg.trainer, output_dir, logger, callbacks)
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,
+        deterministic=cfg.trainer.deterministic,
+        max_epochs=cfg.trainer.max_epochs,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        logger=logger,
+        callbacks=[*callbacks, ProgressBar()],
+        default_root_dir=output_dir,
+    )
     trainer.fit(module, datamodule, ckpt_path=checkpoint)
     if divergence.epoch is not None:  # every rank stopped; rank 0 reports it
         if not trainer.is_global_zero:

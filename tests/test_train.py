@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -30,12 +31,14 @@ def train_config(*overrides: str) -> TrainConfig:
     return compose_config("config", TrainConfig, overrides)
 
 
-def run_training(tmp: Path, data_dir: Path, *overrides: str) -> tuple[dict, Path, str]:
+def run_training(
+    tmp: Path, data_dir: Path, *overrides: str, extra_callbacks: Sequence[L.Callback] = ()
+) -> tuple[dict, Path, str]:
     """Train in-process; returns (metrics, output dir, tracking URI)."""
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = train_config(f"paths.data_dir={data_dir}", f"mlflow.tracking_uri={uri}", *overrides)
     output_dir = tmp / "run"
-    return train(cfg, output_dir), output_dir, uri
+    return train(cfg, output_dir, extra_callbacks=extra_callbacks), output_dir, uri
 
 
 def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
@@ -154,11 +157,8 @@ class ShownProgress(L.Callback):
 
 
 def test_progress_bar_skips_steps_between_redraws_but_ends_each_epoch_complete(tmp_path, data_dir):
-    cfg = train_config(
-        f"paths.data_dir={data_dir}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/db", *FAST
-    )
     probe = ShownProgress()
-    train(cfg, tmp_path / "run", extra_callbacks=[probe])
+    run_training(tmp_path, data_dir, *FAST, extra_callbacks=[probe])
     assert probe.shown == [(18, 18), (18, 18)]  # digits: 1,137 training images, batches of 64
 
 
