@@ -134,8 +134,12 @@ class TrainerConfig:
     # early stopping on val/acc after this many epochs without improvement; null: off
     early_stopping_patience: int | None = None
     log_every_n_steps: int = 50
+    # Lightning's per-hook timings, written to fit-profile.txt in the output directory:
+    # simple, advanced or pytorch; null: none
+    profiler: str | None = None
 
     def __post_init__(self) -> None:
+        _one_of(self.profiler, "trainer.profiler", (None, "simple", "advanced", "pytorch"))
         _one_of(self.accelerator, "trainer.accelerator", ("cpu", "gpu", "cuda", "mps", "auto"))
         _one_of(self.strategy, "trainer.strategy", ("auto", "ddp", "ddp_spawn"))
         _one_of(
