@@ -1,8 +1,9 @@
 """MLflow: run names, params, tags and artifacts of a training, all from rank 0.
 
-Lightning's MLFlowLogger owns the run (it creates it lazily, on rank 0 only, and logs the
-metrics); `RunRecorder` adds what a person looks for in the UI: the resolved config as params
-and as YAML, the git commit and the data checksum as tags, and the architecture summary.
+Lightning's MLFlowLogger owns the run (it creates it lazily, on rank 0 only); `RunLogger`, a
+subclass, writes its metrics in batches; `RunRecorder` adds what a person looks for in the UI:
+the resolved config as params and as YAML, the git commit and the data checksum as tags, and
+the architecture summary.
 It also leaves `run.json` in the output directory, so `evaluate` and a resumed training find
 the same run.
 """
@@ -21,6 +22,8 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+from mlflow.entities import Metric
 
 RUN_FILE = "run.json"
 
@@ -56,8 +59,47 @@ def read_run(output_dir: Path) -> dict[str, str]:
     return json.loads((output_dir / RUN_FILE).read_text())
 
 
+class RunLogger(MLFlowLogger):
+    """MLFlowLogger whose metrics wait in memory and reach MLflow in one write per flush.
+
+    Each write to the sqlite store costs ~8 ms of CPU (several SQLAlchemy queries), and
+    writing train/loss_step every 50 steps took LeNet ~2% of its speed on 2 CPU cores
+    (`make bench`). Metrics go out every `flush_seconds` at most, when the run ends, and
+    whenever `flush` is called: RunRecorder calls it before each checkpoint is written, so a
+    resumed run holds every metric logged up to its checkpoint. A killed process loses what
+    it logged after its last checkpoint, which resuming logs again.
+    """
+
+    def __init__(self, *args: Any, flush_seconds: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.flush_seconds = flush_seconds
+        self._pending: list[Metric] = []
+        self._flush_at = time.monotonic() + flush_seconds
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        timestamp = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), timestamp, step or 0) for k, v in metrics.items()]
+        if time.monotonic() >= self._flush_at:
+            self.flush()
+
+    @rank_zero_only
+    def flush(self) -> None:
+        for start in range(0, len(self._pending), 1000):  # MLflow's limit per call
+            self.experiment.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
+        self._pending = []
+        self._flush_at = time.monotonic() + self.flush_seconds
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        self.flush()
+        super().finalize(status)
+
+
 class RunRecorder(L.Callback):
-    """Logs params, tags and config/summary artifacts once, when fitting starts on rank 0."""
+    """Logs params, tags and config/summary artifacts once, when fitting starts on rank 0, and
+    has the logger write its metrics before each checkpoint and as each training epoch starts
+    (the previous epoch's training metrics are logged after its checkpoint)."""
 
     def __init__(
         self,
@@ -88,6 +130,18 @@ class RunRecorder(L.Callback):
             client.set_tag(run_id, key, value)
         client.log_text(run_id, self.config_yaml, "config.yaml")
         client.log_text(run_id, self.summary, "summary.txt")
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, _: Any) -> None:
+        self.flush(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.flush(trainer)
+
+    @staticmethod
+    def flush(trainer: L.Trainer) -> None:
+        logger = trainer.logger
+        assert isinstance(logger, RunLogger)
+        logger.flush()
 
 
 class EpochHistory(L.Callback):

@@ -29,7 +29,6 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline.callbacks import ProgressBar, StopOnDivergence
@@ -50,9 +49,18 @@ from pipeline.data.datamodule import TensorDataModule
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate, log_to_run, write_reports
 from pipeline.models import ModelConfig
+from pipeline.profiler import build_profiler
 from pipeline.summary import describe
 from pipeline.sweeps import sweep_job, trial_tags
-from pipeline.tracking import RUN_FILE, EpochHistory, RunRecorder, git_commit, read_run, run_name
+from pipeline.tracking import (
+    RUN_FILE,
+    EpochHistory,
+    RunLogger,
+    RunRecorder,
+    git_commit,
+    read_run,
+    run_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +174,7 @@ def train(
     check_data_matches(datamodule.meta, cfg.dataset)
     module = build_module(cfg, datamodule.meta)
     checkpoint, run_id = resume_point(output_dir) if cfg.train.resume else (None, None)
-    logger = MLFlowLogger(
+    logger = RunLogger(
         experiment_name=cfg.mlflow.experiment,
         run_name=run_name(cfg.model.backbone, cfg.model.head, cfg.dataset.name),
         tracking_uri=cfg.mlflow.tracking_uri,
@@ -209,6 +217,7 @@ def train(
         deterministic=cfg.trainer.deterministic,
         max_epochs=cfg.trainer.max_epochs,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
+        profiler=build_profiler(cfg.trainer.profiler, output_dir),
         logger=logger,
         callbacks=[*callbacks, ProgressBar()],
         default_root_dir=output_dir,
@@ -229,6 +238,7 @@ def train(
     if not trainer.is_global_zero:
         return metrics
     logger.log_metrics({"val/acc_best": metrics["val/acc_best"]})
+    logger.flush()
     if cfg.mlflow.log_checkpoint:
         logger.experiment.log_artifact(logger.run_id, best.best_model_path, "evaluation")
     if cfg.train.evaluate:  # `module` holds the best weights: trainer.test loaded them

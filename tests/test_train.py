@@ -12,14 +12,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra.errors import MissingConfigException
 from mlflow.tracking import MlflowClient
 
-from pipeline.classifier import Classifier
+from pipeline.classifier import Classifier, TrainingStats
 from pipeline.cli import compose_config
 from pipeline.errors import ConfigError
 from pipeline.models import InputShapeError
-from pipeline.tracking import read_run
+from pipeline.tracking import RunLogger, read_run
 from pipeline.train import TrainConfig, train
 from tests.conftest import cli, env, run_module
 
@@ -162,6 +163,45 @@ def test_progress_bar_skips_steps_between_redraws_but_ends_each_epoch_complete(t
     assert probe.shown == [(18, 18), (18, 18)]  # digits: 1,137 training images, batches of 64
 
 
+def test_training_stats_weigh_every_image_of_the_epoch_once():
+    stats = TrainingStats(classes=3)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 3, generator=generator)
+    labels = torch.randint(0, 3, (8,), generator=generator)
+    for rows in (slice(0, 5), slice(5, 8)):  # uneven batches, as an epoch's last one often is
+        stats.update(F.cross_entropy(logits[rows], labels[rows]), logits[rows], labels[rows])
+    epoch = stats.compute()
+    assert epoch["loss_epoch"].item() == pytest.approx(F.cross_entropy(logits, labels).item())
+    assert epoch["acc"].item() == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+
+
+def test_run_logger_holds_metrics_until_it_flushes_them_in_one_write(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    logger = RunLogger(experiment_name="buffered", tracking_uri=uri, flush_seconds=3600)
+    for step in range(3):
+        logger.log_metrics({"train/loss_step": 1 / (step + 1)}, step=step)
+    assert client.get_metric_history(logger.run_id, "train/loss_step") == []
+    logger.flush()
+    history = client.get_metric_history(logger.run_id, "train/loss_step")
+    assert sorted((m.step, m.value) for m in history) == [
+        (0, 1.0),
+        (1, 0.5),
+        (2, pytest.approx(1 / 3)),
+    ]
+    eager = RunLogger(experiment_name="eager", tracking_uri=uri, flush_seconds=0)
+    eager.log_metrics({"val/acc": 0.5}, step=7)  # the interval has passed: written at once
+    assert [(m.step, m.value) for m in client.get_metric_history(eager.run_id, "val/acc")] == [
+        (7, 0.5)
+    ]
+
+
+def test_profiler_option_writes_lightnings_hook_timings(tmp_path, data_dir):
+    run_training(tmp_path, data_dir, *FAST, "trainer.profiler=simple", "train.evaluate=false")
+    report = (tmp_path / "run" / "fit-profile.txt").read_text()
+    assert "[Strategy]SingleDeviceStrategy.training_step" in report  # timed, 36 calls
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [
@@ -171,6 +211,7 @@ def test_progress_bar_skips_steps_between_redraws_but_ends_each_epoch_complete(t
         ("+trainer.max_epoch=3", "max_epoch"),
         ("data.augment.sizes=[24,32]", "gap or spp"),
         ("optimizer.lr=-1", "optimizer.lr"),
+        ("trainer.profiler=fast", "simple, advanced, pytorch"),
     ],
 )
 def test_bad_config_fails_at_start_naming_the_key(override: str, named: str):
