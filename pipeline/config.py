@@ -119,6 +119,10 @@ def _one_of(value: object, key: str, allowed: tuple[object, ...]) -> None:
     require(value in allowed, key, value, ", ".join(map(str, allowed)))
 
 
+# pipeline.profiler.PROFILERS builds them; named here so validating needs no Lightning import
+PROFILER_NAMES = ("simple", "advanced", "pytorch")
+
+
 @dataclass
 class TrainerConfig:
     """Where and how Lightning runs: `trainer=cpu|gpu|ddp`, then any key, e.g. devices=4."""
@@ -139,7 +143,7 @@ class TrainerConfig:
     profiler: str | None = None
 
     def __post_init__(self) -> None:
-        _one_of(self.profiler, "trainer.profiler", (None, "simple", "advanced", "pytorch"))
+        _one_of(self.profiler, "trainer.profiler", (None, *PROFILER_NAMES))
         _one_of(self.accelerator, "trainer.accelerator", ("cpu", "gpu", "cuda", "mps", "auto"))
         _one_of(self.strategy, "trainer.strategy", ("auto", "ddp", "ddp_spawn"))
         _one_of(

@@ -18,8 +18,10 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.classifier import Classifier, TrainingStats
 from pipeline.cli import compose_config
+from pipeline.config import PROFILER_NAMES
 from pipeline.errors import ConfigError
 from pipeline.models import InputShapeError
+from pipeline.profiler import PROFILERS
 from pipeline.tracking import RunLogger, read_run
 from pipeline.train import TrainConfig, train
 from tests.conftest import cli, env, run_module
@@ -194,6 +196,10 @@ def test_run_logger_holds_metrics_until_it_flushes_them_in_one_write(tmp_path):
     assert [(m.step, m.value) for m in client.get_metric_history(eager.run_id, "val/acc")] == [
         (7, 0.5)
     ]
+
+
+def test_the_profiler_registry_matches_the_config_schema():
+    assert tuple(PROFILERS) == PROFILER_NAMES
 
 
 def test_profiler_option_writes_lightnings_hook_timings(tmp_path, data_dir):
