@@ -1,13 +1,14 @@
-"""Callbacks of every training beyond Lightning's own: divergence stop and a cheap progress bar."""
+"""Callbacks of every training: divergence stop, and cheaper variants of Lightning's own."""
 
 from __future__ import annotations
 
 import time
+from functools import cached_property
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 
 class StopOnDivergence(L.Callback):
@@ -49,3 +50,16 @@ class ProgressBar(RichProgressBar):
         if now >= self._next_update or trainer.is_last_batch:
             self._next_update = now + 1 / self.refresh_rate
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class CachedKeyCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose state key, fixed by its settings, is built once.
+
+    Lightning formats every callback's key into a label on each hook call, and
+    ModelCheckpoint's is a repr of its settings: ~3.6 us, 12 times a step for the training's
+    two checkpoints (~0.2% of a LeNet step on 2 CPU cores, `make bench`).
+    """
+
+    @cached_property
+    def state_key(self) -> str:
+        return super().state_key

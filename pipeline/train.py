@@ -28,10 +28,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pipeline.callbacks import ProgressBar, StopOnDivergence
+from pipeline.callbacks import CachedKeyCheckpoint, ProgressBar, StopOnDivergence
 from pipeline.classifier import Classifier
 from pipeline.cli import hydra_entry
 from pipeline.config import (
@@ -195,11 +195,11 @@ def train(
         tracking_uri=cfg.mlflow.tracking_uri,
         resumed=checkpoint is not None,
     )
-    best = ModelCheckpoint(
+    best = CachedKeyCheckpoint(
         output_dir / "checkpoints", "best", "val/acc", mode="max", enable_version_counter=False
     )
     # Lightning's save_last only writes when `best` does; resuming needs every epoch's state.
-    last = ModelCheckpoint(output_dir / "checkpoints", "last", enable_version_counter=False)
+    last = CachedKeyCheckpoint(output_dir / "checkpoints", "last", enable_version_counter=False)
     divergence = StopOnDivergence()
     history = EpochHistory(output_dir / "history.csv")
     callbacks = [best, last, LearningRateMonitor("epoch"), recorder, divergence, history]

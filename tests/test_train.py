@@ -119,6 +119,27 @@ def test_fc_model_at_another_resolution_says_which_it_expects(lenet_run):
         module(torch.zeros(2, 1, 24, 24))
 
 
+def test_classifier_sets_lightnings_hook_name_directly_and_the_rest_as_a_module(lenet_run):
+    _, output_dir, _ = lenet_run
+    module = Classifier.load_from_checkpoint(
+        output_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True
+    )
+    module._current_fx_name = "training_step"  # Lightning's ~44 assignments a step
+    assert module._current_fx_name == "training_step"
+    module.extra = torch.nn.Parameter(torch.zeros(1))
+    assert "extra" in dict(module.named_parameters())
+    assert "_current_fx_name" not in module.state_dict()
+
+
+def test_last_checkpoint_keeps_both_checkpoint_callbacks_states_apart(lenet_run):
+    metrics, output_dir, _ = lenet_run
+    saved = torch.load(output_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    states = {key: state for key, state in saved.items() if "Checkpoint" in key}
+    assert len(states) == 2  # best and last, each under its own key, as resuming needs
+    best = next(state for key, state in states.items() if "val/acc" in key)
+    assert best["best_model_score"].item() == pytest.approx(metrics["val/acc_best"])
+
+
 GRID = [
     (backbone, head)
     for backbone in ("lenet5", "lenet5_keras", "lenet5_classic", "alexnet")
