@@ -42,9 +42,8 @@ class TrainingStats(Metric):
 
     full_state_update = False
 
-    def __init__(self, classes: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.classes = classes
         self.add_state("losses", [], dist_reduce_fx="cat")
         self.add_state("logits", [], dist_reduce_fx="cat")
         self.add_state("labels", [], dist_reduce_fx="cat")
@@ -59,7 +58,7 @@ class TrainingStats(Metric):
         return {
             "loss_epoch": dim_zero_cat(self.losses).mean(),  # a NaN loss stays NaN
             "acc": multiclass_accuracy(
-                logits, labels, self.classes, average="micro", validate_args=False
+                logits, labels, logits.shape[1], average="micro", validate_args=False
             ),
         }
 
@@ -89,7 +88,7 @@ class Classifier(L.LightningModule):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
         classes = len(self.dataset_cfg.classes)
-        self.train_stats = TrainingStats(classes)
+        self.train_stats = TrainingStats()
         self.val_acc = MulticlassAccuracy(classes, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(classes, average="micro", validate_args=False)
         self.test_class_acc = MulticlassAccuracy(classes, average="none", validate_args=False)

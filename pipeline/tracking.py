@@ -86,7 +86,8 @@ class RunLogger(MLFlowLogger):
     @rank_zero_only
     def flush(self) -> None:
         for start in range(0, len(self._pending), 1000):  # MLflow's limit per call
-            self.experiment.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
+            batch = self._pending[start : start + 1000]
+            self.experiment.log_batch(self.run_id, metrics=batch, **self._log_batch_kwargs)
         self._pending = []
         self._flush_at = time.monotonic() + self.flush_seconds
 

@@ -28,10 +28,15 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pipeline.callbacks import CachedKeyCheckpoint, ProgressBar, StopOnDivergence
+from pipeline.callbacks import (
+    CachedKeyCheckpoint,
+    CachedKeyEarlyStopping,
+    ProgressBar,
+    StopOnDivergence,
+)
 from pipeline.classifier import Classifier
 from pipeline.cli import hydra_entry
 from pipeline.config import (
@@ -204,10 +209,8 @@ def train(
     history = EpochHistory(output_dir / "history.csv")
     callbacks = [best, last, LearningRateMonitor("epoch"), recorder, divergence, history]
     callbacks.extend(extra_callbacks)
-    if cfg.trainer.early_stopping_patience:
-        callbacks.append(
-            EarlyStopping("val/acc", mode="max", patience=cfg.trainer.early_stopping_patience)
-        )
+    if patience := cfg.trainer.early_stopping_patience:
+        callbacks.append(CachedKeyEarlyStopping("val/acc", mode="max", patience=patience))
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,

@@ -140,6 +140,15 @@ def test_last_checkpoint_keeps_both_checkpoint_callbacks_states_apart(lenet_run)
     assert best["best_model_score"].item() == pytest.approx(metrics["val/acc_best"])
 
 
+def test_early_stopping_watches_val_acc_and_its_state_goes_into_the_checkpoint(tmp_path, data_dir):
+    overrides = (*FAST, "trainer.early_stopping_patience=1", "train.evaluate=false")
+    metrics, output_dir, _ = run_training(tmp_path, data_dir, *overrides)
+    saved = torch.load(output_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    [state] = [state for key, state in saved.items() if "EarlyStopping" in key]
+    assert state["patience"] == 1
+    assert state["best_score"].item() == pytest.approx(metrics["val/acc_best"])
+
+
 GRID = [
     (backbone, head)
     for backbone in ("lenet5", "lenet5_keras", "lenet5_classic", "alexnet")
@@ -187,7 +196,7 @@ def test_progress_bar_skips_steps_between_redraws_but_ends_each_epoch_complete(t
 
 
 def test_training_stats_weigh_every_image_of_the_epoch_once():
-    stats = TrainingStats(classes=3)
+    stats = TrainingStats()
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(8, 3, generator=generator)
     labels = torch.randint(0, 3, (8,), generator=generator)
