@@ -40,7 +40,7 @@ format: install
 	ruff format .
 
 bench: install
-	python -m pipeline.bench
+	python -m benchmarks.bench
 
 ui: install
 	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db

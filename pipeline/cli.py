@@ -11,11 +11,12 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import T, validate
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -29,9 +30,13 @@ OmegaConf.register_new_resolver(
 
 def compose_config(config_name: str, schema: type[T], overrides: Sequence[str] = ()) -> T:
     """`conf/<config_name>.yaml` with command-line overrides, validated, outside a Hydra main
-    (tests, `make bench`)."""
+    (tests, `make bench`); composing fails as a ConfigError, as validating does."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return validate(compose(config_name, overrides=list(overrides)), schema)
+        try:
+            composed = compose(config_name, overrides=list(overrides))
+        except ConfigCompositionException as err:
+            raise ConfigError(str(err)) from err
+    return validate(composed, schema)
 
 
 def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:

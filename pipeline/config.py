@@ -1,17 +1,20 @@
-"""Typed schemas for the composed Hydra config.
+"""Every config schema, registered in Hydra's ConfigStore.
 
-Hydra composes YAML; `validate` merges the result into these dataclasses so that a misspelt
-key, a wrong type or an out-of-range value stops the run before any data moves, with a
-message that names the key and what is allowed.
+Each dataclass holds its keys' defaults, written once: `conf/*.yaml` extend the schemas and
+hold only what differs. Hydra type-checks while it composes; `validate` then builds the
+dataclasses, whose `__post_init__` checks ranges and names, so a typo or a bad value stops the
+run before any data moves, with a message that names the key and what is allowed. Names that
+select a builder (backbone, head, data source) are checked against the builders' registries.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -26,19 +29,31 @@ def require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"config key '{key}' = {value!r} is invalid; allowed: {allowed}")
 
 
-class Source(StrEnum):
-    """Where a dataset's raw files come from (a torchvision class, or scikit-learn's bundle)."""
+def one_of(value: Any, key: str, allowed: Iterable[Any], nullable: bool = False) -> None:
+    names = list(allowed)
+    ok = value in names or (nullable and value is None)
+    require(ok, key, value, ", ".join(["null"] * nullable + [str(name) for name in names]))
 
-    MNIST = "MNIST"
-    FashionMNIST = "FashionMNIST"
-    CIFAR10 = "CIFAR10"
-    sklearn_digits = "sklearn_digits"
+
+def validate(cfg: DictConfig, schema: type[T]) -> T:
+    """Build `schema` from a composed config (checking every value), or raise a ConfigError."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid config: {err}") from err
+
+
+# --- data ----------------------------------------------------------------------------------
 
 
 @dataclass
 class DatasetConfig:
+    """`dataset` group: what the images are and where their raw files come from."""
+
     name: str = MISSING
-    source: Source = MISSING
+    # a registered raw-data source (pipeline.data.sources)
+    source: str = MISSING
+    # base URLs tried in order
     mirrors: list[str] = field(default_factory=list)
     # file name -> md5 of every file the source downloads or extracts
     checksums: dict[str, str] = field(default_factory=dict)
@@ -52,7 +67,10 @@ class DatasetConfig:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
-        require(self.channels in (1, 3), "dataset.channels", self.channels, "1 or 3")
+        from pipeline.data.sources import SOURCES  # registered where they are defined
+
+        one_of(self.source, "dataset.source", SOURCES)
+        one_of(self.channels, "dataset.channels", (1, 3))
         for key in ("height", "width"):
             value = getattr(self, key)
             require(value >= 8, f"dataset.{key}", value, "an integer >= 8")
@@ -94,8 +112,8 @@ class PathsConfig:
 
 
 @dataclass
-class DataStageConfig:
-    """Config of the fetch and preprocess stages (`conf/data.yaml`)."""
+class PrepareConfig:
+    """`conf/data.yaml`: the fetch and preprocess stages."""
 
     dataset: DatasetConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -106,107 +124,9 @@ class DataStageConfig:
         require(0 < self.timeout_s <= 60, "timeout_s", self.timeout_s, "0 < seconds <= 60")
 
 
-def validate(cfg: DictConfig, schema: type[T]) -> T:
-    """Merge a composed config into `schema` and build it, or raise a ConfigError."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid config: {err}") from err
-
-
-def _one_of(value: object, key: str, allowed: tuple[object, ...]) -> None:
-    require(value in allowed, key, value, ", ".join(map(str, allowed)))
-
-
-# pipeline.profiler.PROFILERS builds them; named here so validating needs no Lightning import
-PROFILER_NAMES = ("simple", "advanced", "pytorch")
-
-
-@dataclass
-class TrainerConfig:
-    """Where and how Lightning runs: `trainer=cpu|gpu|ddp`, then any key, e.g. devices=4."""
-
-    accelerator: str = "cpu"
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    # bit-exact repeats on CPU (same config and seed -> same metrics); costs speed on GPU
-    deterministic: bool = True
-    max_epochs: int = 10
-    # early stopping on val/acc after this many epochs without improvement; null: off
-    early_stopping_patience: int | None = None
-    log_every_n_steps: int = 50
-    # Lightning's per-hook timings, written to fit-profile.txt in the output directory:
-    # simple, advanced or pytorch; null: none
-    profiler: str | None = None
-
-    def __post_init__(self) -> None:
-        _one_of(self.profiler, "trainer.profiler", (None, *PROFILER_NAMES))
-        _one_of(self.accelerator, "trainer.accelerator", ("cpu", "gpu", "cuda", "mps", "auto"))
-        _one_of(self.strategy, "trainer.strategy", ("auto", "ddp", "ddp_spawn"))
-        _one_of(
-            self.precision,
-            "trainer.precision",
-            ("32-true", "16-mixed", "bf16-mixed", "64-true"),
-        )
-        require(self.devices >= 1, "trainer.devices", self.devices, "an integer >= 1")
-        require(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "an integer >= 1")
-        require(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs, "an integer >= 1")
-        if self.early_stopping_patience is not None:
-            require(
-                self.early_stopping_patience >= 1,
-                "trainer.early_stopping_patience",
-                self.early_stopping_patience,
-                "null or an integer >= 1",
-            )
-
-
-@dataclass
-class OptimizerConfig:
-    name: str = "sgd"
-    lr: float = 0.01
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd
-    nesterov: bool = False  # sgd
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
-
-    def __post_init__(self) -> None:
-        _one_of(self.name, "optimizer.name", ("sgd", "adam", "adamw"))
-        require(0 < self.lr <= 10, "optimizer.lr", self.lr, "0 < lr <= 10")
-        require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, ">= 0")
-        require(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "0 <= m < 1")
-        require(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "optimizer.betas",
-            self.betas,
-            "two values in [0, 1)",
-        )
-
-
-@dataclass
-class SchedulerConfig:
-    name: str = "none"
-    step_size: int = 10  # step: epochs between decays
-    gamma: float = 0.1  # step: decay factor
-    warmup_fraction: float = 0.25  # onecycle: share of steps spent rising to optimizer.lr
-
-    def __post_init__(self) -> None:
-        _one_of(self.name, "scheduler.name", ("none", "step", "cosine", "onecycle"))
-        require(self.step_size >= 1, "scheduler.step_size", self.step_size, ">= 1")
-        require(0 < self.gamma <= 1, "scheduler.gamma", self.gamma, "0 < gamma <= 1")
-        require(
-            0 < self.warmup_fraction < 1,
-            "scheduler.warmup_fraction",
-            self.warmup_fraction,
-            "0 < fraction < 1",
-        )
-
-
 @dataclass
 class AugmentConfig:
-    """Training-batch augmentation on the device (seed 003: flips, shifts of up to 2 px)."""
+    """Training-batch augmentation on the device (LeCun 1998: flips, shifts of up to 2 px)."""
 
     flip: bool = False
     max_shift: int = 0
@@ -224,20 +144,305 @@ class AugmentConfig:
 
 
 @dataclass
-class DataConfig:
+class BatchConfig:
+    """`data`: how training batches are cut and augmented."""
+
     batch_size: int = 128
-    eval_batch_size: int = 1000
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "eval_batch_size"):
-            value = getattr(self, key)
-            require(value >= 1, f"data.{key}", value, "an integer >= 1")
+        require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+
+
+# --- model ---------------------------------------------------------------------------------
+
+ACTIVATIONS = ("relu", "tanh", "scaled_tanh", "sigmoid")
+# trainable: LeCun's subsampling, the 2x2 sum times a coefficient plus a bias, per map
+POOLINGS = ("max", "avg", "trainable")
+# seed 000: the value outside the image is "a = 0 or x_0"
+PADDING_MODES = ("zeros", "replicate")
+# learned from data, or fixed to a classical bank (seeds 000, 001, 003)
+FIRST_LAYERS = ("learned", "gabor", "prewitt", "sobel", "gaussian", "laplacian")
+OUTPUTS = ("linear", "rbf")
+STEMS = ("imagenet", "cifar")
+
+
+@dataclass
+class ModelConfig:
+    """`model` group: a backbone (feature extractor) times a head (classifier).
+
+    `model.backbone=lenet5,alexnet model.head=fc,gap,spp` is one Hydra sweep. Options left at
+    null take the backbone's own value (LeNet-5: relu and max pooling; LeCun 1998: scaled tanh
+    and trainable subsampling; AlexNet: dropout 0.5...), so a sweep over backbones stays
+    faithful to each paper. Input shape and class count come from the dataset.
+    """
+
+    backbone: str = "lenet5"
+    head: str = "fc"
+    # null: the backbone's own (relu; lenet5_classic: scaled_tanh)
+    activation: str | None = None
+    # null: the backbone's own (lenet5, alexnet: max; lenet5_keras: avg; lenet5_classic: trainable)
+    pooling: str | None = None
+    padding_mode: str = "zeros"
+    first_layer: str = "learned"
+    # linear scores, or LeCun's RBF: minus the squared distance to fixed +-1 class codes
+    output: str = "linear"
+    # pixels added on every side of the input; null: enough to bring the dataset's images to
+    # the backbone's design field (LeNet-5: 32, so MNIST's 28x28 gets 2; CIFAR's 32x32 gets 0)
+    input_pad: int | None = None
+    # widths of the hidden fully connected layers of the fc and spp heads; null: the backbone's
+    # (LeNet-5: [84] = F6; AlexNet: [4096, 4096] times the width multiplier)
+    hidden: list[int] | None = None
+    # spp head: pyramid levels (n means n x n bins); null: LeNet [4, 2, 1], AlexNet [6, 3, 2, 1]
+    spp_levels: list[int] | None = None
+    # dropout before each hidden layer; null: the backbone's (LeNet-5: 0, AlexNet: 0.5)
+    dropout: float | None = None
+    # alexnet only: imagenet (11x11 stride 4) or cifar (5x5 stride 1) first layer; null:
+    # imagenet for inputs of 64 px and more, cifar below
+    stem: str | None = None
+    # alexnet only: multiplies every layer's width; null: 1.0
+    width: float | None = None
+
+    def __post_init__(self) -> None:
+        from pipeline.models import BACKBONES, HEADS  # registered where they are defined
+
+        one_of(self.backbone, "model.backbone", BACKBONES)
+        one_of(self.head, "model.head", HEADS)
+        one_of(self.activation, "model.activation", ACTIVATIONS, nullable=True)
+        one_of(self.pooling, "model.pooling", POOLINGS, nullable=True)
+        one_of(self.padding_mode, "model.padding_mode", PADDING_MODES)
+        one_of(self.first_layer, "model.first_layer", FIRST_LAYERS)
+        one_of(self.output, "model.output", OUTPUTS)
+        one_of(self.stem, "model.stem", STEMS, nullable=True)
+        require(
+            self.output == "linear" or self.head != "gap",
+            "model.output",
+            self.output,
+            "linear with head=gap (its class maps are the scores; rbf needs an fc or spp head)",
+        )
+        if self.input_pad is not None:
+            require(self.input_pad >= 0, "model.input_pad", self.input_pad, "null or >= 0")
+        if self.hidden is not None:
+            ok = all(width > 0 for width in self.hidden)
+            require(ok, "model.hidden", self.hidden, "null or a list of widths > 0")
+        if self.spp_levels is not None:
+            ok = len(self.spp_levels) > 0 and all(level > 0 for level in self.spp_levels)
+            require(ok, "model.spp_levels", self.spp_levels, "null or a non-empty list of ints > 0")
+        if self.dropout is not None:
+            require(0 <= self.dropout < 1, "model.dropout", self.dropout, "null or 0 <= p < 1")
+        if self.width is not None:
+            require(0 < self.width <= 4, "model.width", self.width, "null or 0 < width <= 4")
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainerConfig:
+    """`trainer` group: where and how Lightning runs (`trainer=cpu|gpu|ddp`, then any key)."""
+
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    # bit-exact repeats on CPU (same config and seed -> same metrics); costs speed on GPU
+    deterministic: bool = True
+    max_epochs: int = 10
+    # early stopping on val/acc after this many epochs without improvement; null: off
+    early_stopping_patience: int | None = None
+    # train/loss_step is logged every N steps
+    log_every_n_steps: int = 50
+    # Lightning's profiler by name (simple, advanced, pytorch): a report when fitting ends
+    profiler: str | None = None
+
+    def __post_init__(self) -> None:
+        one_of(self.profiler, "trainer.profiler", ("simple", "advanced", "pytorch"), True)
+        one_of(self.accelerator, "trainer.accelerator", ("cpu", "gpu", "cuda", "mps", "auto"))
+        one_of(self.strategy, "trainer.strategy", ("auto", "ddp"))
+        one_of(
+            self.precision, "trainer.precision", ("32-true", "16-mixed", "bf16-mixed", "64-true")
+        )
+        require(self.devices >= 1, "trainer.devices", self.devices, "an integer >= 1")
+        require(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "an integer >= 1")
+        require(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs, "an integer >= 1")
+        if self.early_stopping_patience is not None:
+            require(
+                self.early_stopping_patience >= 1,
+                "trainer.early_stopping_patience",
+                self.early_stopping_patience,
+                "null or an integer >= 1",
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+
+@dataclass
+class OptimizerConfig:
+    """`optimizer` group."""
+
+    name: str = "sgd"
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+
+    def __post_init__(self) -> None:
+        one_of(self.name, "optimizer.name", ("sgd", "adam", "adamw"))
+        require(0 < self.lr <= 10, "optimizer.lr", self.lr, "0 < lr <= 10")
+        require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, ">= 0")
+        require(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "0 <= m < 1")
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optimizer.betas",
+            self.betas,
+            "two values in [0, 1)",
+        )
+
+
+@dataclass
+class SchedulerConfig:
+    """`scheduler` group: the learning-rate schedule."""
+
+    name: str = "none"
+    step_size: int = 10  # step: epochs between decays
+    gamma: float = 0.1  # step: decay factor
+    warmup_fraction: float = 0.25  # onecycle: share of steps spent rising to optimizer.lr
+
+    def __post_init__(self) -> None:
+        one_of(self.name, "scheduler.name", ("none", "step", "cosine", "onecycle"))
+        require(self.step_size >= 1, "scheduler.step_size", self.step_size, ">= 1")
+        require(0 < self.gamma <= 1, "scheduler.gamma", self.gamma, "0 < gamma <= 1")
+        require(
+            0 < self.warmup_fraction < 1,
+            "scheduler.warmup_fraction",
+            self.warmup_fraction,
+            "0 < fraction < 1",
+        )
+
+
+@dataclass
+class EvaluationConfig:
+    """`evaluation`: the test-set evaluation, at the end of a training or on its own."""
+
+    # test resolutions as multiples of the training size (seed 004's question)
+    scales: list[float] = field(default_factory=lambda: [0.75, 1.0, 1.5, 2.0])
+    # images per forward pass, for validation and testing too
+    batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        require(
+            len(self.scales) > 0 and all(s > 0 for s in self.scales),
+            "evaluation.scales",
+            self.scales,
+            "a non-empty list of positive multiples",
+        )
+        require(self.batch_size >= 1, "evaluation.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass
+class RunOptions:
+    """`train`: options of one training run."""
+
+    label_smoothing: float = 0.0
+    # output directory of an interrupted training: continue it, in the same MLflow run
+    resume: str | None = None
+    # evaluate the best checkpoint at the end (dvc.yaml: off, its evaluate stage does it)
+    evaluate: bool = True
+
+    def __post_init__(self) -> None:
+        require(
+            0 <= self.label_smoothing < 1,
+            "train.label_smoothing",
+            self.label_smoothing,
+            "0 <= value < 1",
+        )
 
 
 @dataclass
 class TrackingConfig:
-    # default: sqlite:///mlruns/mlflow.db, or the MLFLOW_TRACKING_URI environment variable
-    tracking_uri: str = MISSING
-    experiment: str = MISSING
+    """`mlflow`: where runs are recorded."""
+
+    tracking_uri: str = "${oc.env:MLFLOW_TRACKING_URI,sqlite:///mlruns/mlflow.db}"
+    # one MLflow experiment per dataset by default
+    experiment: str = "${dataset.name}"
     log_checkpoint: bool = True  # the best checkpoint as a run artifact
+
+
+@dataclass
+class TrainConfig:
+    """`conf/config.yaml`: `python -m pipeline.train`."""
+
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    data: BatchConfig = field(default_factory=BatchConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    train: RunOptions = field(default_factory=RunOptions)
+    mlflow: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(
+            not self.data.augment.sizes or self.model.head != "fc",
+            "data.augment.sizes",
+            self.data.augment.sizes,
+            "[] with model.head=fc (multi-size training needs a gap or spp head)",
+        )
+
+
+# --- the other entry points ----------------------------------------------------------------
+
+
+@dataclass
+class EvaluateConfig:
+    """`conf/evaluate.yaml`: `python -m pipeline.evaluate run_dir=...`."""
+
+    # a training's output directory
+    run_dir: str = MISSING
+    checkpoint: str = "checkpoints/best.ckpt"  # relative to run_dir
+    out_dir: str | None = None  # null: RUN_DIR/eval
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+@dataclass
+class SummaryConfig:
+    """`conf/summary.yaml`: a model and a dataset, with optional overrides of the input shape
+    and class count (to show a network at its paper's size, e.g. AlexNet on ImageNet)."""
+
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    input: list[int] | None = None
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.input is not None:
+            ok = len(self.input) == 3 and self.input[0] in (1, 3) and min(self.input) > 0
+            require(ok, "input", self.input, "null or [C, H, W] with C = 1 or 3")
+        if self.num_classes is not None:
+            require(self.num_classes >= 2, "num_classes", self.num_classes, "null or >= 2")
+
+    def reported_dataset(self) -> DatasetConfig:
+        """The dataset config with the overrides applied: what the model is built for."""
+        dataset = self.dataset
+        if self.input is not None:
+            channels, height, width = self.input
+            dataset = replace(dataset, channels=channels, height=height, width=width)
+        if self.num_classes is not None:
+            dataset = replace(dataset, classes=[str(i) for i in range(self.num_classes)])
+        return dataset
+
+
+# Each primary config in conf/ starts from its schema: `defaults: [NAME_schema, _self_, ...]`.
+store = ConfigStore.instance()
+store.store(name="train_schema", node=TrainConfig)
+store.store(name="evaluate_schema", node=EvaluateConfig)
+store.store(name="summary_schema", node=SummaryConfig)
+store.store(name="prepare_schema", node=PrepareConfig)

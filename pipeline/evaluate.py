@@ -1,192 +1,31 @@
-"""DVC stage `evaluate`: test metrics, accuracy across input resolutions, and plots.
+"""DVC stage `evaluate`: a training's best checkpoint on the test split, at several sizes.
 
     python -m pipeline.evaluate run_dir=outputs/2026-11-21/12-00-00-000000
 
-Loads the run's best checkpoint (`weights_only`: its hparams are plain values), then writes
-to `out_dir` (default: RUN_DIR/eval) metrics.json, the plot data DVC reads (predictions.csv
-for the confusion matrix, resolution.csv for accuracy versus input size) and PNG figures, and
-logs all of them to the run's MLflow run. Seed 004's point is the resolution curve: GAP and
-SPP models take each size natively; FC models only their training size, so their images are
-resized back to it.
+The checkpoint loads with `weights_only=True` (its hyperparameters are plain values); the
+reports go to `out_dir` (default: RUN_DIR/eval) and to the training's MLflow run.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 
-from pipeline.classifier import Classifier
 from pipeline.cli import hydra_entry
-from pipeline.config import PathsConfig, require, validate
-from pipeline.data.store import Split, load_split
-from pipeline.errors import PipelineError
-from pipeline.figures import (
-    confusion_figure,
-    kernels_figure,
-    misclassified_figure,
-    resolution_figure,
-)
-from pipeline.tracking import RUN_FILE, read_run
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvaluateConfig:
-    run_dir: str = MISSING
-    checkpoint: str = "checkpoints/best.ckpt"  # relative to run_dir
-    out_dir: str | None = None  # null: RUN_DIR/eval
-    # test resolutions as multiples of the training size (seed 004)
-    scales: list[float] = field(default_factory=lambda: [0.75, 1.0, 1.5, 2.0])
-    batch_size: int = 1000
-    paths: PathsConfig = field(default_factory=PathsConfig)
-
-    def __post_init__(self) -> None:
-        require(all(s > 0 for s in self.scales), "scales", self.scales, "positive multiples")
-        require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-
-
-@dataclass
-class Evaluation:
-    accuracy: float
-    per_class: list[float]
-    confusion: torch.Tensor  # K x K counts, rows: true class, columns: predicted
-    labels: torch.Tensor
-    predictions: torch.Tensor
-    resolution: list[dict[str, float]]  # size, scale, accuracy
-
-
-def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images.float()
-    return F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
-
-
-@torch.no_grad()
-def predict(module: Classifier, images: torch.Tensor, batch_size: int, size: int | None = None):
-    """Predicted classes; at `size` x `size` if given (FC networks: and back to their own)."""
-    network = module.network
-    own = network.expected_input[-1]
-    predictions = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(module.device)
-        if size is not None:
-            batch = resize(batch, size)
-            if network.fixed_size:
-                batch = resize(batch, own)
-        predictions.append(module(batch).argmax(dim=1).cpu())
-    return torch.cat(predictions)
-
-
-def evaluate(module: Classifier, test: Split, scales: list[float], batch_size: int) -> Evaluation:
-    module.eval()
-    classes = len(module.dataset_cfg.classes)
-    labels = test.labels.cpu()
-    predictions = predict(module, test.images, batch_size)
-    confusion = torch.bincount(labels * classes + predictions, minlength=classes**2)
-    confusion = confusion.view(classes, classes)
-    per_class = (confusion.diag() / confusion.sum(1).clamp_min(1)).tolist()
-    own = module.network.expected_input[-1]
-    resolution = []
-    for scale in scales:
-        size = round(own * scale)
-        if not module.network.fixed_size and size < module.network.min_input_size:
-            log.warning("skipping %d px: below the network's minimum input size", size)
-            continue
-        at_size = predict(module, test.images, batch_size, size)
-        accuracy = (at_size == labels).float().mean().item()
-        resolution.append({"size": size, "scale": scale, "accuracy": accuracy})
-    return Evaluation(
-        accuracy=(predictions == labels).float().mean().item(),
-        per_class=per_class,
-        confusion=confusion,
-        labels=labels,
-        predictions=predictions,
-        resolution=resolution,
-    )
-
-
-def write_reports(
-    evaluation: Evaluation, module: Classifier, test: Split, out_dir: Path
-) -> list[Path]:
-    """metrics.json, DVC plot data and PNG figures in `out_dir`; returns the files."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    classes = list(module.dataset_cfg.classes)
-    metrics = {  # the row `dvc metrics show` prints for this model
-        "test_acc": evaluation.accuracy,
-        "test_acc_at_size": {str(r["size"]): r["accuracy"] for r in evaluation.resolution},
-        "params": sum(p.numel() for p in module.network.parameters() if p.requires_grad),
-    }
-    per_class = dict(zip(classes, evaluation.per_class, strict=True))
-    files = [out_dir / "metrics.json", out_dir / "predictions.csv", out_dir / "resolution.csv"]
-    files[0].write_text(json.dumps(metrics, indent=2) + "\n")
-    files.append(out_dir / "class_acc.json")
-    files[-1].write_text(json.dumps(per_class, indent=2) + "\n")
-    with files[1].open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["actual", "predicted"])
-        for actual, predicted in zip(evaluation.labels, evaluation.predictions, strict=True):
-            writer.writerow([classes[actual], classes[predicted]])
-    with files[2].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["size", "scale", "accuracy"])
-        writer.writeheader()
-        writer.writerows(evaluation.resolution)
-    figures = {
-        "confusion.png": confusion_figure(evaluation.confusion, classes),
-        "misclassified.png": misclassified_figure(
-            test.images.cpu(), evaluation.labels, evaluation.predictions, classes
-        ),
-        "kernels.png": kernels_figure(module.network),
-        "resolution.png": resolution_figure({module.network.name: evaluation.resolution}),
-    }
-    for name, figure in figures.items():
-        figure.savefig(out_dir / name, dpi=110, bbox_inches="tight")
-        files.append(out_dir / name)
-    return files
-
-
-def log_to_run(run_dir: Path, files: list[Path], evaluation: Evaluation) -> None:
-    """Attach the reports and resolution metrics to the training's MLflow run."""
-    from mlflow.tracking import MlflowClient
-
-    run = read_run(run_dir)
-    client = MlflowClient(run["tracking_uri"])
-    for path in files:
-        client.log_artifact(run["run_id"], str(path), "evaluation")
-    for row in evaluation.resolution:
-        client.log_metric(run["run_id"], "test/acc_at_size", row["accuracy"], step=int(row["size"]))
-
-
-def load_checkpoint(path: Path) -> Classifier:
-    if not path.is_file():
-        raise PipelineError(f"no checkpoint at {path}: train first (python -m pipeline.train)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Classifier.load_from_checkpoint(path, map_location=device, weights_only=True)
-
-
-def run_evaluation(cfg: EvaluateConfig) -> Evaluation:
-    run_dir = Path(cfg.run_dir)
-    module = load_checkpoint(run_dir / cfg.checkpoint)
-    test = load_split(cfg.paths.processed_dir(module.dataset_cfg.name), "test")
-    evaluation = evaluate(module, test, cfg.scales, cfg.batch_size)
-    files = write_reports(evaluation, module, test, Path(cfg.out_dir or run_dir / "eval"))
-    if (run_dir / RUN_FILE).is_file():
-        log_to_run(run_dir, files, evaluation)
-    sizes = ", ".join(f"{r['size']}px {r['accuracy']:.4f}" for r in evaluation.resolution)
-    log.info("test accuracy %.4f; by input size: %s", evaluation.accuracy, sizes)
-    return evaluation
+from pipeline.config import EvaluateConfig, validate
+from pipeline.data.store import load_split
+from pipeline.evaluation.evaluate import evaluate_run, load_checkpoint
 
 
 @hydra_entry("evaluate")
 def main(cfg: DictConfig) -> None:
-    run_evaluation(validate(cfg, EvaluateConfig))
+    config = validate(cfg, EvaluateConfig)
+    run_dir = Path(config.run_dir)
+    module = load_checkpoint(run_dir / config.checkpoint)
+    test = load_split(config.paths.processed_dir(module.dataset_cfg.name), "test")
+    out_dir = Path(config.out_dir) if config.out_dir else run_dir / "eval"
+    evaluate_run(module, test, config.evaluation, out_dir, run_dir)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pipeline.figures import resolution_figure
+from pipeline.evaluation.figures import resolution_figure
 
 
 def load_rows(root: Path) -> list[dict]:

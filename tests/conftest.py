@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline.config import DatasetConfig, Source
+from pipeline.config import DatasetConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,14 +77,12 @@ def run_module(module: str, *overrides: str, cwd: Path = REPO) -> subprocess.Com
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real digits data, fetched and preprocessed by the pipeline's own stages."""
     from pipeline.cli import compose_config
-    from pipeline.config import DataStageConfig
+    from pipeline.config import PrepareConfig
     from pipeline.data.fetch import fetch
     from pipeline.data.preprocess import preprocess
 
     directory = tmp_path_factory.mktemp("data")
-    stage = compose_config(
-        "data", DataStageConfig, ["dataset=digits", f"paths.data_dir={directory}"]
-    )
+    stage = compose_config("data", PrepareConfig, ["dataset=digits", f"paths.data_dir={directory}"])
     fetch(stage)
     preprocess(stage)
     return directory
@@ -115,7 +113,7 @@ def dataset_config(shape: tuple[int, int, int] = MNIST, classes: int = 10) -> Da
     channels, height, width = shape
     return DatasetConfig(
         name="test",
-        source=Source.MNIST,
+        source="MNIST",
         channels=channels,
         height=height,
         width=width,

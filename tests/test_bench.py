@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.bench import bench_training, report, training_config, write_dataset
+from benchmarks.bench import bench_training, report, training_config, write_dataset
 
 
 def test_the_training_and_the_plain_loop_alternate_step_by_step(tmp_path):

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from pipeline.cli import compose_config
+from pipeline.config import ModelConfig, SummaryConfig
 from pipeline.errors import ConfigError
-from pipeline.models import ModelConfig, Network, build_model
-from pipeline.models.config import BACKBONE_NAMES, HEAD_NAMES
+from pipeline.models import BACKBONES, HEADS, Network, build_model
 from pipeline.models.geometry import conv_output_size
-from pipeline.summary import LayerRow, SummaryConfig, describe, format_table, layer_rows
+from pipeline.models.summary import LayerRow, describe, format_table, layer_rows
 from tests.conftest import MNIST, dataset_config, run_module
 
 
@@ -150,8 +150,8 @@ def test_a_frozen_first_layer_is_reported_as_frozen() -> None:
     assert (c1.params, c1.frozen, c1.connections) == (0, 156, 122_304)
 
 
-@pytest.mark.parametrize("head", HEAD_NAMES)
-@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+@pytest.mark.parametrize("head", tuple(HEADS))
+@pytest.mark.parametrize("backbone", tuple(BACKBONES))
 def test_report_shapes_are_the_shapes_a_forward_pass_gives(backbone: str, head: str) -> None:
     model = build_model(ModelConfig(backbone=backbone, head=head), dataset_config())
     sizes = [MNIST] if head == "fc" else [MNIST, (1, 48, 48)]

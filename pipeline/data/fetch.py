@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.cli import hydra_entry
-from pipeline.config import DatasetConfig, DataStageConfig, validate
+from pipeline.config import DatasetConfig, PrepareConfig, validate
 from pipeline.data.sources import SOURCES, RawSource
 from pipeline.data.store import atomic_directory
 from pipeline.errors import PipelineError
@@ -111,7 +111,7 @@ def _try_mirrors(source: RawSource, cfg: DatasetConfig, staging: Path) -> None:
     )
 
 
-def fetch(cfg: DataStageConfig) -> Path:
+def fetch(cfg: PrepareConfig) -> Path:
     """Download and verify `cfg.dataset` into `data/raw/NAME`; return that directory."""
     dataset = cfg.dataset
     target = cfg.paths.raw_dir(dataset.name)
@@ -126,7 +126,7 @@ def fetch(cfg: DataStageConfig) -> Path:
 
 @hydra_entry("data")
 def main(cfg: DictConfig) -> None:
-    fetch(validate(cfg, DataStageConfig))
+    fetch(validate(cfg, PrepareConfig))
 
 
 if __name__ == "__main__":

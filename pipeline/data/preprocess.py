@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.cli import hydra_entry
-from pipeline.config import DatasetConfig, DataStageConfig, require, validate
+from pipeline.config import DatasetConfig, PrepareConfig, require, validate
 from pipeline.data.sources import SOURCES, RawData
 from pipeline.data.store import Split, atomic_directory, save_split, write_meta
 from pipeline.errors import PipelineError
@@ -86,7 +86,7 @@ def describe(splits: dict[str, Split], cfg: DatasetConfig) -> dict[str, Any]:
     combined = hashlib.sha256("".join(s["sha256"] for s in per_split.values()).encode())
     return {
         "dataset": cfg.name,
-        "source": cfg.source.value,
+        "source": cfg.source,
         "shape": list(cfg.shape),
         "dtype": "uint8",
         "classes": list(cfg.classes),
@@ -98,7 +98,7 @@ def describe(splits: dict[str, Split], cfg: DatasetConfig) -> dict[str, Any]:
     }
 
 
-def preprocess(cfg: DataStageConfig) -> Path:
+def preprocess(cfg: PrepareConfig) -> Path:
     """Turn `data/raw/NAME` into `data/processed/NAME`; return the latter."""
     dataset = cfg.dataset
     raw_dir = cfg.paths.raw_dir(dataset.name)
@@ -127,7 +127,7 @@ def preprocess(cfg: DataStageConfig) -> Path:
 
 @hydra_entry("data")
 def main(cfg: DictConfig) -> None:
-    preprocess(validate(cfg, DataStageConfig))
+    preprocess(validate(cfg, PrepareConfig))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import DatasetConfig, Source
+from pipeline.config import DatasetConfig
 from pipeline.errors import ConfigError
+from pipeline.registry import Registry
 
 
 class RawData(NamedTuple):
@@ -33,6 +34,9 @@ class RawSource(ABC):
 
     offline: bool = False
 
+    def __init__(self, name: str) -> None:
+        self.name = name
+
     @abstractmethod
     def download(self, cfg: DatasetConfig, mirror: str, root: Path) -> None:
         """Put the raw files under `root` (from `mirror` unless the source is offline)."""
@@ -40,6 +44,20 @@ class RawSource(ABC):
     @abstractmethod
     def load(self, cfg: DatasetConfig, root: Path) -> RawData:
         """Read the files written by `download` as tensors."""
+
+
+SOURCES: Registry[RawSource] = Registry("data source")
+
+
+def register_source(*names: str):
+    """Class decorator: one source of this class per name (`dataset.source=name`)."""
+
+    def decorate(cls: type[RawSource]) -> type[RawSource]:
+        for name in names:
+            SOURCES.add(name, cls(name))
+        return cls
+
+    return decorate
 
 
 def _md5(cfg: DatasetConfig, filename: str) -> str:
@@ -53,15 +71,13 @@ def _md5(cfg: DatasetConfig, filename: str) -> str:
 
 
 class TorchvisionSource(RawSource):
-    """A torchvision dataset class, re-pointed at one mirror and the configured md5s."""
-
-    def __init__(self, class_name: str) -> None:
-        self.class_name = class_name
+    """A torchvision dataset class (named as the source is), re-pointed at one mirror and
+    the configured md5s."""
 
     @cached_property
     def base(self) -> type:
         # Imported on first use: torchvision takes seconds to import, digits never needs it.
-        return getattr(importlib.import_module("torchvision.datasets"), self.class_name)
+        return getattr(importlib.import_module("torchvision.datasets"), self.name)
 
     @abstractmethod
     def _overrides(self, cfg: DatasetConfig, mirror: str) -> dict[str, Any]:
@@ -85,6 +101,7 @@ class TorchvisionSource(RawSource):
         return RawData(*train, *test)
 
 
+@register_source("MNIST", "FashionMNIST")
 class IdxSource(TorchvisionSource):
     """MNIST-format datasets: four gzipped IDX files."""
 
@@ -96,6 +113,7 @@ class IdxSource(TorchvisionSource):
         return dataset.data.unsqueeze(1).contiguous(), dataset.targets.long()
 
 
+@register_source("CIFAR10")
 class CifarSource(TorchvisionSource):
     """CIFAR-format datasets: one tar.gz of pickled batches, each batch md5-checked."""
 
@@ -114,6 +132,7 @@ class CifarSource(TorchvisionSource):
         return images, torch.tensor(dataset.targets, dtype=torch.long)
 
 
+@register_source("sklearn_digits")
 class DigitsSource(RawSource):
     """scikit-learn's bundled UCI handwritten digits: 1,797 real 8x8 images, no network.
 
@@ -142,11 +161,3 @@ class DigitsSource(RawSource):
         framed = F.pad(digits, (left, right, top, bottom))
         framed = framed.round().clamp(0, 255).to(torch.uint8).expand(-1, cfg.channels, -1, -1)
         return RawData(framed.contiguous(), labels, None, None)
-
-
-SOURCES: dict[Source, RawSource] = {
-    Source.MNIST: IdxSource("MNIST"),
-    Source.FashionMNIST: IdxSource("FashionMNIST"),
-    Source.CIFAR10: CifarSource("CIFAR10"),
-    Source.sklearn_digits: DigitsSource(),
-}

@@ -1,6 +1,9 @@
-"""The model zoo: backbones (LeNet-5 x3, AlexNet) times heads (fc, gap, spp), built from config."""
+"""The model zoo: backbones (LeNet-5 x3, AlexNet) times heads (fc, gap, spp), built from config.
 
+Importing the package registers every builder, so `BACKBONES` and `HEADS` are complete."""
+
+from pipeline.models.backbones import BACKBONES
 from pipeline.models.build import InputShapeError, Network, build_model
-from pipeline.models.config import ModelConfig
+from pipeline.models.heads import HEADS
 
-__all__ = ["InputShapeError", "ModelConfig", "Network", "build_model"]
+__all__ = ["BACKBONES", "HEADS", "InputShapeError", "Network", "build_model"]

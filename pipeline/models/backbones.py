@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import require
+from pipeline.config import ModelConfig, require
 from pipeline.models.banks import bank
-from pipeline.models.config import ModelConfig
 from pipeline.models.geometry import Shape
 from pipeline.models.layers import ConnectionTableConv2d, TrainableSubsampling, activation
+from pipeline.registry import Registry
 
 # LeCun et al. 1998, Table I, as the paper prints it: row i is S2 map i, column j is C3 map j,
 # X means map i feeds map j. Maps 0-5 see 3 contiguous S2 maps, 6-11 four contiguous, 12-14
@@ -49,14 +49,32 @@ def c3_connections() -> list[list[bool]]:
     return [[mark == "X" for mark in row] for row in LECUN_C3_TABLE]
 
 
+BuildBackbone = Callable[[ModelConfig, int, bool], nn.Sequential]
+
+
 @dataclass(frozen=True)
 class BackboneEntry:
     # (resolved config, input channels, with the tail?) -> named blocks
-    build: Callable[[ModelConfig, int, bool], nn.Sequential]
+    build: BuildBackbone
     # the values of the config keys left null, for this config and input shape (C, H, W)
     defaults: Callable[[ModelConfig, Shape], dict[str, Any]]
     # how the fc/spp heads name the fully connected layers, numbered from 6: "F{}" -> F6
     fc_name: str
+
+
+BACKBONES: Registry[BackboneEntry] = Registry("backbone")
+
+
+def register_backbone(
+    name: str, defaults: Callable[[ModelConfig, Shape], dict[str, Any]], fc_name: str
+) -> Callable[[BuildBackbone], BuildBackbone]:
+    """Decorator: the builder of backbone `name` (`model.backbone=name`)."""
+
+    def decorate(build: BuildBackbone) -> BuildBackbone:
+        BACKBONES.add(name, BackboneEntry(build, defaults, fc_name))
+        return build
+
+    return decorate
 
 
 def _conv(
@@ -144,6 +162,40 @@ def lenet_defaults(
     }
 
 
+@register_backbone("lenet5", partial(lenet_defaults, "relu", "max", 32), "F{}")
+def lenet5(cfg: ModelConfig, in_channels: int, tail: bool) -> nn.Sequential:
+    """Seed 000: Keras, 32x32 field (MNIST padded by 2), relu, max pooling, 5x5 C5."""
+    return lenet(LeNetForm(c1_padding=0, c3_table=False, c5_kernel=5), cfg, in_channels, tail)
+
+
+@register_backbone("lenet5_keras", partial(lenet_defaults, "relu", "avg", 0), "F{}")
+def lenet5_keras(cfg: ModelConfig, in_channels: int, tail: bool) -> nn.Sequential:
+    """Seed 001: Keras, 28x28 'same' C1, average pooling, 1x1 C5 (257,546 parameters)."""
+    return lenet(LeNetForm(c1_padding=2, c3_table=False, c5_kernel=1), cfg, in_channels, tail)
+
+
+@register_backbone("lenet5_classic", partial(lenet_defaults, "scaled_tanh", "trainable", 32), "F{}")
+def lenet5_classic(cfg: ModelConfig, in_channels: int, tail: bool) -> nn.Sequential:
+    """LeCun et al. 1998: scaled tanh, trainable subsampling, C3 wired by its table."""
+    return lenet(LeNetForm(c1_padding=0, c3_table=True, c5_kernel=5), cfg, in_channels, tail)
+
+
+def alexnet_defaults(cfg: ModelConfig, shape: Shape) -> dict[str, Any]:
+    width = cfg.width or 1.0
+    return {
+        "activation": "relu",
+        "pooling": "max",
+        "input_pad": 0,
+        "hidden": [round(4096 * width)] * 2,
+        "spp_levels": [6, 3, 2, 1],
+        "dropout": 0.5,
+        # the imagenet stem's 11x11 stride 4 leaves too little of a small image
+        "stem": "imagenet" if min(shape[1:]) >= 64 else "cifar",
+        "width": 1.0,
+    }
+
+
+@register_backbone("alexnet", alexnet_defaults, "fc{}")
 def alexnet(cfg: ModelConfig, in_channels: int, tail: bool) -> nn.Sequential:
     """Krizhevsky et al. 2012: 96-256-384-384-256 kernels, LRN after conv1 and conv2,
     overlapping 3x3 stride-2 max pooling, groups=2 where the model was split over two GPUs
@@ -176,41 +228,3 @@ def alexnet(cfg: ModelConfig, in_channels: int, tail: bool) -> nn.Sequential:
     if tail:
         blocks["pool5"] = _pool(cfg, c5, 3, 2)
     return nn.Sequential(OrderedDict(blocks))
-
-
-def alexnet_defaults(cfg: ModelConfig, shape: Shape) -> dict[str, Any]:
-    width = cfg.width or 1.0
-    return {
-        "activation": "relu",
-        "pooling": "max",
-        "input_pad": 0,
-        "hidden": [round(4096 * width)] * 2,
-        "spp_levels": [6, 3, 2, 1],
-        "dropout": 0.5,
-        # the imagenet stem's 11x11 stride 4 leaves too little of a small image
-        "stem": "imagenet" if min(shape[1:]) >= 64 else "cifar",
-        "width": 1.0,
-    }
-
-
-BACKBONES: dict[str, BackboneEntry] = {
-    # seed 000: Keras, 32x32 input (MNIST padded by 2), relu, max pooling, 5x5 C5
-    "lenet5": BackboneEntry(
-        partial(lenet, LeNetForm(c1_padding=0, c3_table=False, c5_kernel=5)),
-        partial(lenet_defaults, "relu", "max", 32),
-        "F{}",
-    ),
-    # seed 001: Keras, 28x28 'same' C1, average pooling, 1x1 C5 (257,546 parameters)
-    "lenet5_keras": BackboneEntry(
-        partial(lenet, LeNetForm(c1_padding=2, c3_table=False, c5_kernel=1)),
-        partial(lenet_defaults, "relu", "avg", 0),
-        "F{}",
-    ),
-    # seed 003: LeCun et al. 1998, scaled tanh, trainable subsampling, C3 connection table
-    "lenet5_classic": BackboneEntry(
-        partial(lenet, LeNetForm(c1_padding=0, c3_table=True, c5_kernel=5)),
-        partial(lenet_defaults, "scaled_tanh", "trainable", 32),
-        "F{}",
-    ),
-    "alexnet": BackboneEntry(alexnet, alexnet_defaults, "fc{}"),
-}

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, replace
-from typing import Any, TypeVar
+from typing import Any
 
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from pipeline.config import DatasetConfig, validate
+from pipeline.config import DatasetConfig, ModelConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.models.backbones import BACKBONES
-from pipeline.models.config import ModelConfig
 from pipeline.models.geometry import Shape, min_input_size, output_shape
 from pipeline.models.heads import HEADS
-
-T = TypeVar("T")
 
 
 class InputShapeError(PipelineError, ValueError):
@@ -86,16 +82,8 @@ class Network(nn.Module):
         return next(m for m in self.backbone.modules() if isinstance(m, nn.Conv2d))
 
 
-def _as(schema: type[T], cfg: T | DictConfig) -> T:
-    return cfg if isinstance(cfg, schema) else validate(cfg, schema)
-
-
-def build_model(
-    model_cfg: ModelConfig | DictConfig, dataset_cfg: DatasetConfig | DictConfig
-) -> Network:
-    """The network `model_cfg` names, for the dataset's image shape and class count."""
-    model = _as(ModelConfig, model_cfg)
-    dataset = _as(DatasetConfig, dataset_cfg)
+def build_model(model: ModelConfig, dataset: DatasetConfig) -> Network:
+    """The network `model` names, for the dataset's image shape and class count."""
     shape, num_classes = dataset.shape, len(dataset.classes)
     backbone_entry, head_entry = BACKBONES[model.backbone], HEADS[model.head]
     defaults = backbone_entry.defaults(model, shape)

@@ -17,20 +17,37 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pipeline.models.config import ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.models.geometry import Shape
 from pipeline.models.layers import GlobalAvgPool, RBFOutput, SpatialPyramidPool, activation
+from pipeline.registry import Registry
 
 # LeNet-5 (C1-C5) and AlexNet (conv1-conv5) both number their first fully connected layer 6
 FIRST_FC = 6
 
 
+BuildHead = Callable[[ModelConfig, Shape, int, str], nn.Sequential]
+
+
 @dataclass(frozen=True)
 class HeadEntry:
     # (resolved config, backbone output shape, class count, fc layer name template) -> blocks
-    build: Callable[[ModelConfig, Shape, int, str], nn.Sequential]
+    build: BuildHead
     # True: needs the training resolution, and the backbone's tail (see backbones.py)
     fixed_size: bool
+
+
+HEADS: Registry[HeadEntry] = Registry("head")
+
+
+def register_head(name: str, fixed_size: bool) -> Callable[[BuildHead], BuildHead]:
+    """Decorator: the builder of head `name` (`model.head=name`)."""
+
+    def decorate(build: BuildHead) -> BuildHead:
+        HEADS.add(name, HeadEntry(build, fixed_size))
+        return build
+
+    return decorate
 
 
 def classifier(
@@ -49,6 +66,7 @@ def classifier(
     return blocks
 
 
+@register_head("fc", fixed_size=True)
 def fc_head(cfg: ModelConfig, features: Shape, num_classes: int, fc_name: str) -> nn.Sequential:
     flat = math.prod(features)
     return nn.Sequential(
@@ -56,20 +74,15 @@ def fc_head(cfg: ModelConfig, features: Shape, num_classes: int, fc_name: str) -
     )
 
 
-def spp_head(cfg: ModelConfig, features: Shape, num_classes: int, fc_name: str) -> nn.Sequential:
-    spp = SpatialPyramidPool(cfg.spp_levels)
-    pooled = features[0] * spp.bins
-    return nn.Sequential(OrderedDict({"spp": spp} | classifier(cfg, pooled, num_classes, fc_name)))
-
-
+@register_head("gap", fixed_size=False)
 def gap_head(cfg: ModelConfig, features: Shape, num_classes: int, fc_name: str) -> nn.Sequential:
     return nn.Sequential(
         OrderedDict({"classes": nn.Conv2d(features[0], num_classes, 1), "gap": GlobalAvgPool()})
     )
 
 
-HEADS: dict[str, HeadEntry] = {
-    "fc": HeadEntry(fc_head, fixed_size=True),
-    "gap": HeadEntry(gap_head, fixed_size=False),
-    "spp": HeadEntry(spp_head, fixed_size=False),
-}
+@register_head("spp", fixed_size=False)
+def spp_head(cfg: ModelConfig, features: Shape, num_classes: int, fc_name: str) -> nn.Sequential:
+    spp = SpatialPyramidPool(cfg.spp_levels)
+    pooled = features[0] * spp.bins
+    return nn.Sequential(OrderedDict({"spp": spp} | classifier(cfg, pooled, num_classes, fc_name)))

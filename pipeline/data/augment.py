@@ -1,4 +1,5 @@
-"""Augmentation of whole batches on the training device (seed 003's flips and small shifts).
+"""Augmentation of whole batches on the training device (LeCun 1998's flips and small shifts,
+He et al. 2015's multi-size training).
 
 Each function takes a float batch N x C x H x W and draws one random choice per image
 (one size per batch for multi-size training), using torch's seeded generator.
@@ -10,6 +11,8 @@ import random
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.config import AugmentConfig
 
 
 def random_flip(images: torch.Tensor) -> torch.Tensor:
@@ -39,3 +42,11 @@ def random_size(images: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     if size == images.shape[-1]:
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+
+
+def augment(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """The training batch as `cfg` augments it: flips, then shifts, then a size."""
+    if cfg.flip:
+        images = random_flip(images)
+    images = random_shift(images, cfg.max_shift)
+    return random_size(images, cfg.sizes) if cfg.sizes else images

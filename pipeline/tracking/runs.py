@@ -1,11 +1,11 @@
-"""MLflow: run names, params, tags and artifacts of a training, all from rank 0.
+"""MLflow: the run of a training, its params, tags and artifacts, all from rank 0.
 
-Lightning's MLFlowLogger owns the run (it creates it lazily, on rank 0 only); `RunLogger`, a
-subclass, writes its metrics in batches; `RunRecorder` adds what a person looks for in the UI:
-the resolved config as params and as YAML, the git commit and the data checksum as tags, and
-the architecture summary.
-It also leaves `run.json` in the output directory, so `evaluate` and a resumed training find
-the same run.
+Lightning's MLFlowLogger owns the run (it creates it lazily, on rank 0 only) and logs metrics
+through MLflow's asynchronous logging, so a step never waits for the store. `RunRecorder` adds
+what a person looks for in the UI (the resolved config as params and as YAML, the git commit
+and the data checksum as tags, the architecture summary), drains the logging queue before each
+checkpoint, and leaves `run.json` in the output directory, so that `evaluate` and a resumed
+training find the same run.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import mlflow
+import yaml
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
-from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 
 RUN_FILE = "run.json"
 
@@ -59,62 +60,42 @@ def read_run(output_dir: Path) -> dict[str, str]:
     return json.loads((output_dir / RUN_FILE).read_text())
 
 
-class RunLogger(MLFlowLogger):
-    """MLFlowLogger whose metrics wait in memory and reach MLflow in one write per flush.
+def open_store(tracking_uri: str) -> None:
+    """Create the tracking store if it is new (a sqlite file's tables), so that processes
+    starting together never race to create it."""
+    MlflowClient(tracking_uri).search_experiments(max_results=1)
 
-    Each write to the sqlite store costs ~8 ms of CPU (several SQLAlchemy queries), and
-    writing train/loss_step every 50 steps took LeNet ~2% of its speed on 2 CPU cores
-    (`make bench`). Metrics go out every `flush_seconds` at most, when the run ends, and
-    whenever `flush` is called: RunRecorder calls it before each checkpoint is written, so a
-    resumed run holds every metric logged up to its checkpoint. A killed process loses what
-    it logged after its last checkpoint, which resuming logs again.
-    """
 
-    def __init__(self, *args: Any, flush_seconds: float = 30.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.flush_seconds = flush_seconds
-        self._pending: list[Metric] = []
-        self._flush_at = time.monotonic() + flush_seconds
-
-    @rank_zero_only
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        timestamp = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), timestamp, step or 0) for k, v in metrics.items()]
-        if time.monotonic() >= self._flush_at:
-            self.flush()
-
-    @rank_zero_only
-    def flush(self) -> None:
-        for start in range(0, len(self._pending), 1000):  # MLflow's limit per call
-            batch = self._pending[start : start + 1000]
-            self.experiment.log_batch(self.run_id, metrics=batch, **self._log_batch_kwargs)
-        self._pending = []
-        self._flush_at = time.monotonic() + self.flush_seconds
-
-    @rank_zero_only
-    def finalize(self, status: str = "success") -> None:
-        self.flush()
-        super().finalize(status)
+def run_logger(
+    experiment: str, name: str, tracking_uri: str, run_id: str | None, tags: Mapping[str, str]
+) -> MLFlowLogger:
+    """The training's logger: a new run named `name` with `tags`, or run `run_id` resumed."""
+    return MLFlowLogger(
+        experiment_name=experiment,
+        run_name=name,
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        tags=dict(tags),
+        synchronous=False,
+    )
 
 
 class RunRecorder(L.Callback):
     """Logs params, tags and config/summary artifacts once, when fitting starts on rank 0, and
-    has the logger write its metrics before each checkpoint and as each training epoch starts
-    (the previous epoch's training metrics are logged after its checkpoint)."""
+    has every metric logged so far written before each checkpoint, so that a resumed run
+    holds each metric up to its checkpoint."""
 
     def __init__(
         self,
-        params: Mapping[str, Any],
-        config_yaml: str,
+        config: Mapping[str, Any],
         summary: str,
         tags: Mapping[str, str],
         output_dir: Path,
-        tracking_uri: str,
         resumed: bool,
     ) -> None:
-        self.params, self.config_yaml, self.summary = params, config_yaml, summary
+        """`config`: the training's resolved config as plain values."""
+        self.config, self.summary = config, summary
         self.tags, self.output_dir, self.resumed = tags, output_dir, resumed
-        self.tracking_uri = tracking_uri
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -122,27 +103,19 @@ class RunRecorder(L.Callback):
         logger = trainer.logger
         assert isinstance(logger, MLFlowLogger)
         client, run_id = logger.experiment, logger.run_id
-        run = {"run_id": run_id, "tracking_uri": self.tracking_uri}
+        run = {"run_id": run_id, "tracking_uri": self.config["mlflow"]["tracking_uri"]}
         (self.output_dir / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
         if self.resumed:  # params are immutable in MLflow and already there
             return
-        logger.log_hyperparams(dict(flatten(self.params)))
+        logger.log_hyperparams(dict(flatten(self.config)))
         for key, value in self.tags.items():
             client.set_tag(run_id, key, value)
-        client.log_text(run_id, self.config_yaml, "config.yaml")
+        client.log_text(run_id, yaml.safe_dump(self.config, sort_keys=False), "config.yaml")
         client.log_text(run_id, self.summary, "summary.txt")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, _: Any) -> None:
-        self.flush(trainer)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.flush(trainer)
-
-    @staticmethod
-    def flush(trainer: L.Trainer) -> None:
-        logger = trainer.logger
-        assert isinstance(logger, RunLogger)
-        logger.flush()
+        if trainer.is_global_zero:
+            mlflow.flush_async_logging()
 
 
 class EpochHistory(L.Callback):

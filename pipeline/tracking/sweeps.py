@@ -8,24 +8,16 @@ file (`trial_tags`) and tags its own run as a child. When the sweep ends the par
 best trial (the settings the sweep chose as `best.*` params, its `val/acc_best`), attaches
 `trials.jsonl` (every trial: status, score or error, run id, overrides) and closes; a sweep that
 stops on a failure closes its parent as FAILED.
-
-`sweep_job` lets a trial train with DDP: Lightning starts ranks > 0 by re-running `sys.argv`
-with `hydra.run.dir=<HydraConfig run.dir>`, which in a sweep would start the whole sweep again
-in a fresh directory. Inside `sweep_job` the command line is this trial's own overrides and the
-run dir is the trial's output dir, so the ranks join this trial in its directory.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import logging
-import os
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,9 +25,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig
 
-from pipeline.tracking import RUN_FILE, read_run
+from pipeline.tracking.runs import RUN_FILE, read_run
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +58,7 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _client(tracking_uri: str) -> Any:
+def client_for(tracking_uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri)
@@ -102,7 +94,7 @@ def trial_tags() -> dict[str, str]:
     return tags
 
 
-def _values(overrides: list[str]) -> dict[str, Any]:
+def override_values(overrides: list[str]) -> dict[str, Any]:
     """{key: value} of Hydra overrides (sweeps as their sweep objects); unparsable ones as text."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -118,12 +110,12 @@ def _values(overrides: list[str]) -> dict[str, Any]:
     return values
 
 
-def searched(trial: list[str], sweep: list[str]) -> dict[str, str]:
+def chosen_settings(trial: list[str], sweep: list[str]) -> dict[str, str]:
     """A trial's settings that the sweep chose: its overrides not fixed on the command line."""
-    fixed = _values(sweep)
+    fixed = override_values(sweep)
     return {
         key: str(value)
-        for key, value in _values(trial).items()
+        for key, value in override_values(trial).items()
         if key not in fixed or fixed[key] != value
     }
 
@@ -141,7 +133,7 @@ class SweepTracking(Callback):
         uri, name = config.mlflow.tracking_uri, config.mlflow.experiment
 
         def open_parent() -> dict[str, str]:
-            client = _client(uri)
+            client = client_for(uri)
             experiment = experiment_id(client, name)
             tags = {
                 "sweep.dir": str(sweep_dir.resolve()),
@@ -174,15 +166,19 @@ class SweepTracking(Callback):
         output_dir = Path(hydra.runtime.output_dir)
         run = read_run(output_dir) if (output_dir / RUN_FILE).is_file() else None
         completed = job_return.status == JobStatus.COMPLETED
+        try:
+            score, error = job_return.return_value, None
+        except Exception as err:  # the trial's own exception, re-raised by Hydra's JobReturn
+            score, error = None, str(err)
         if not completed and run is not None:
-            client = _client(run["tracking_uri"])
+            client = client_for(run["tracking_uri"])
             if client.get_run(run["run_id"]).info.status != "FAILED":
                 retry(lambda: client.set_terminated(run["run_id"], "FAILED"), "ending a run")
         trial = {
             "job": hydra.job.num,
             "status": "COMPLETED" if completed else "FAILED",
-            "score": job_return._return_value if completed else None,
-            "error": None if completed else str(job_return._return_value),
+            "score": score,
+            "error": error,
             "run_id": run and run["run_id"],
             "output_dir": str(output_dir),
             "overrides": list(hydra.overrides.task),
@@ -196,7 +192,7 @@ class SweepTracking(Callback):
             return
         self.closed = True
         parent = json.loads(self.sweep_file.read_text())
-        client = _client(parent["tracking_uri"])
+        client = client_for(parent["tracking_uri"])
         parent_id = parent["run_id"]
         # trials that sweep mlflow.experiment (or the dataset) log to other experiments
         experiments = [e.experiment_id for e in client.search_experiments()]
@@ -219,7 +215,7 @@ class SweepTracking(Callback):
             overrides = json.loads(best.data.tags.get("sweep.overrides", "[]"))
             sweep = json.loads(client.get_run(parent_id).data.tags["sweep.overrides"])
             client.log_metric(parent_id, SCORE, best.data.metrics[SCORE])
-            for key, value in searched(overrides, sweep).items():
+            for key, value in chosen_settings(overrides, sweep).items():
                 client.log_param(parent_id, f"best.{key}", value)
             tags |= {"best_run_id": best.info.run_id, "best.overrides": json.dumps(overrides)}
             log.info(
@@ -235,45 +231,3 @@ class SweepTracking(Callback):
             if (self.sweep_file.parent / name).is_file():
                 client.log_artifact(parent_id, str(self.sweep_file.parent / name))
         client.set_terminated(parent_id, status)
-
-
-def _ranks_command(argv: list[str], task_overrides: list[str]) -> list[str]:
-    """`argv` with its sweep replaced by one trial's overrides (config path/name flags kept)."""
-    from hydra._internal.utils import get_args_parser
-
-    args, _ = get_args_parser().parse_known_args(argv[1:])
-    flags = [
-        f"--{flag.replace('_', '-')}={getattr(args, flag)}"
-        for flag in ("config_path", "config_name", "config_dir")
-        if getattr(args, flag) is not None
-    ]
-    return [argv[0], *flags, *task_overrides]
-
-
-@contextlib.contextmanager
-def sweep_job() -> Iterator[None]:
-    """Run one sweep trial so that DDP's extra ranks join it (outside a sweep: does nothing).
-
-    Within: `sys.argv` is this trial's command (no `-m`, no sweep lists) and Hydra's run dir
-    is the trial's output dir, which is what Lightning hands to the processes it starts. After:
-    the command line, the environment Lightning set for DDP (MASTER_PORT, LOCAL_RANK, ...) and
-    the process group are reset, so the next trial in this process starts clean.
-    """
-    if not in_multirun():
-        yield
-        return
-    hydra = HydraConfig.get()
-    argv, environ = list(sys.argv), dict(os.environ)
-    sys.argv = _ranks_command(argv, list(hydra.overrides.task))
-    with read_write(hydra), open_dict(hydra):  # HydraConfig is set afresh for every job
-        hydra.run.dir = hydra.runtime.output_dir
-    try:
-        yield
-    finally:
-        sys.argv = argv
-        os.environ.clear()
-        os.environ.update(environ)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()

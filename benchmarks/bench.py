@@ -1,9 +1,9 @@
-"""Benchmark: `make bench` (python -m pipeline.bench [--device cuda]).
+"""Benchmark: `make bench` (python -m benchmarks.bench [--device cuda]).
 
 Measures what the pipeline's speed rests on, with the pipeline's own code, side by side with
 the plainest PyTorch equivalent in the same process:
 - loading a preprocessed split of MNIST's size (70,000 x 1 x 28 x 28 uint8) into memory;
-- training LeNet-5 on MNIST-shaped data: `pipeline.train.train` itself (its Trainer,
+- training LeNet-5 on MNIST-shaped data: `pipeline.training.fit.train` itself (its Trainer,
   callbacks, progress bar and MLflow run, in a temporary sqlite store) against a
   hand-written loop over the same network, data, batch size, optimizer and threads.
 
@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cli import compose_config
+from pipeline.config import TrainConfig
 from pipeline.data.datamodule import Batches
 from pipeline.data.preprocess import describe
 from pipeline.data.store import Split, load_split, read_meta, save_split, write_meta
 from pipeline.models import build_model
-from pipeline.optim import build_optimizer
-from pipeline.train import TrainConfig, train
+from pipeline.training.fit import train
+from pipeline.training.optim import build_optimizer
 
 MNIST_SHAPE = (1, 28, 28)
 

@@ -1,0 +1,166 @@
+"""Evaluation of a trained classifier on the test split, in one place for both callers: the
+end of a training (`train.evaluate=true`) and `python -m pipeline.evaluate` (DVC's stage).
+
+It writes to an output directory metrics.json, the plot data DVC reads (predictions.csv for the
+confusion matrix, resolution.csv for accuracy versus input size) and PNG figures, and logs all
+of them to the training's MLflow run. The resolution curve is the question He et al. 2015 and
+Lin et al. 2013 answer with SPP and GAP: those heads take each size natively; fc heads only
+their training size, so their images are resized back to it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import EvaluationConfig
+from pipeline.data.store import Split
+from pipeline.errors import PipelineError
+from pipeline.evaluation.figures import (
+    confusion_figure,
+    kernels_figure,
+    misclassified_figure,
+    resolution_figure,
+)
+from pipeline.tracking.runs import RUN_FILE, read_run
+from pipeline.training.module import Classifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    per_class: list[float]
+    confusion: torch.Tensor  # K x K counts, rows: true class, columns: predicted
+    labels: torch.Tensor
+    predictions: torch.Tensor
+    resolution: list[dict[str, float]]  # size, scale, accuracy
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images.float()
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+
+
+@torch.no_grad()
+def predict(module: Classifier, images: torch.Tensor, batch_size: int, size: int | None = None):
+    """Predicted classes; at `size` x `size` if given (FC networks: and back to their own)."""
+    network = module.network
+    own = network.expected_input[-1]
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(module.device)
+        if size is not None:
+            batch = resize(batch, size)
+            if network.fixed_size:
+                batch = resize(batch, own)
+        predictions.append(module(batch).argmax(dim=1).cpu())
+    return torch.cat(predictions)
+
+
+def evaluate(module: Classifier, test: Split, scales: list[float], batch_size: int) -> Evaluation:
+    module.eval()
+    classes = len(module.dataset_cfg.classes)
+    labels = test.labels.cpu()
+    predictions = predict(module, test.images, batch_size)
+    confusion = torch.bincount(labels * classes + predictions, minlength=classes**2)
+    confusion = confusion.view(classes, classes)
+    per_class = (confusion.diag() / confusion.sum(1).clamp_min(1)).tolist()
+    own = module.network.expected_input[-1]
+    resolution = []
+    for scale in scales:
+        size = round(own * scale)
+        if not module.network.fixed_size and size < module.network.min_input_size:
+            log.warning("skipping %d px: below the network's minimum input size", size)
+            continue
+        at_size = predict(module, test.images, batch_size, size)
+        accuracy = (at_size == labels).float().mean().item()
+        resolution.append({"size": size, "scale": scale, "accuracy": accuracy})
+    return Evaluation(
+        accuracy=(predictions == labels).float().mean().item(),
+        per_class=per_class,
+        confusion=confusion,
+        labels=labels,
+        predictions=predictions,
+        resolution=resolution,
+    )
+
+
+def write_reports(
+    evaluation: Evaluation, module: Classifier, test: Split, out_dir: Path
+) -> list[Path]:
+    """metrics.json, DVC plot data and PNG figures in `out_dir`; returns the files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = list(module.dataset_cfg.classes)
+    metrics = {  # the row `dvc metrics show` prints for this model
+        "test_acc": evaluation.accuracy,
+        "test_acc_at_size": {str(r["size"]): r["accuracy"] for r in evaluation.resolution},
+        "params": sum(p.numel() for p in module.network.parameters() if p.requires_grad),
+    }
+    per_class = dict(zip(classes, evaluation.per_class, strict=True))
+    files = [out_dir / "metrics.json", out_dir / "predictions.csv", out_dir / "resolution.csv"]
+    files[0].write_text(json.dumps(metrics, indent=2) + "\n")
+    files.append(out_dir / "class_acc.json")
+    files[-1].write_text(json.dumps(per_class, indent=2) + "\n")
+    with files[1].open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["actual", "predicted"])
+        for actual, predicted in zip(evaluation.labels, evaluation.predictions, strict=True):
+            writer.writerow([classes[actual], classes[predicted]])
+    with files[2].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["size", "scale", "accuracy"])
+        writer.writeheader()
+        writer.writerows(evaluation.resolution)
+    figures = {
+        "confusion.png": confusion_figure(evaluation.confusion, classes),
+        "misclassified.png": misclassified_figure(
+            test.images.cpu(), evaluation.labels, evaluation.predictions, classes
+        ),
+        "kernels.png": kernels_figure(module.network),
+        "resolution.png": resolution_figure({module.network.name: evaluation.resolution}),
+    }
+    for name, figure in figures.items():
+        figure.savefig(out_dir / name, dpi=110, bbox_inches="tight")
+        files.append(out_dir / name)
+    return files
+
+
+def log_to_run(run_dir: Path, files: list[Path], evaluation: Evaluation) -> None:
+    """Attach the reports and resolution metrics to the training's MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    run = read_run(run_dir)
+    client = MlflowClient(run["tracking_uri"])
+    for path in files:
+        client.log_artifact(run["run_id"], str(path), "evaluation")
+    for row in evaluation.resolution:
+        client.log_metric(run["run_id"], "test/acc_at_size", row["accuracy"], step=int(row["size"]))
+
+
+def load_checkpoint(path: Path) -> Classifier:
+    if not path.is_file():
+        raise PipelineError(f"no checkpoint at {path}: train first (python -m pipeline.train)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Classifier.load_from_checkpoint(path, map_location=device, weights_only=True)
+
+
+def evaluate_run(
+    module: Classifier, test: Split, cfg: EvaluationConfig, out_dir: Path, run_dir: Path
+) -> Evaluation:
+    """Evaluate `module` on `test`, write the reports to `out_dir` and log them to the MLflow
+    run of the training in `run_dir` (when it has one)."""
+    evaluation = evaluate(module, test, cfg.scales, cfg.batch_size)
+    files = write_reports(evaluation, module, test, out_dir)
+    if (run_dir / RUN_FILE).is_file():
+        log_to_run(run_dir, files, evaluation)
+    sizes = ", ".join(f"{r['size']}px {r['accuracy']:.4f}" for r in evaluation.resolution)
+    log.info("test accuracy %.4f; by input size: %s", evaluation.accuracy, sizes)
+    return evaluation

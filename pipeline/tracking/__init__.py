@@ -1,0 +1,1 @@
+"""MLflow: the run of each training, and one parent run per sweep."""

@@ -1,0 +1,146 @@
+"""One training, start to end: data, module, callbacks and logger, fit, test, record.
+
+`train` runs in every process of a training: the only one, or each DDP rank (see
+`pipeline.training.launch`). Only rank 0 talks to MLflow and evaluates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+
+from pipeline.config import DatasetConfig, TrainConfig
+from pipeline.data.datamodule import TensorDataModule
+from pipeline.errors import PipelineError
+from pipeline.evaluation.evaluate import evaluate_run
+from pipeline.models.summary import describe
+from pipeline.tracking.runs import (
+    RUN_FILE,
+    EpochHistory,
+    RunRecorder,
+    git_commit,
+    read_run,
+    run_logger,
+    run_name,
+)
+from pipeline.training.callbacks import ProgressBar, StopOnDivergence
+from pipeline.training.module import Classifier
+
+log = logging.getLogger(__name__)
+
+
+def train(
+    cfg: TrainConfig,
+    output_dir: Path,
+    run_tags: Mapping[str, str] | None = None,
+    extra_callbacks: Sequence[L.Callback] = (),
+) -> dict[str, float]:
+    """Fit, test and record one model; returns its final metrics (on rank 0: all of them).
+
+    `run_tags` go on a new MLflow run (a sweep trial: `mlflow.parentRunId`); `extra_callbacks`
+    join the training's own (`make bench` times the steps with one). A training whose loss stops
+    being finite ends its run as FAILED and raises a PipelineError (on rank 0).
+    """
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    datamodule = TensorDataModule(
+        cfg.paths.processed_dir(cfg.dataset.name),
+        cfg.data.batch_size,
+        cfg.evaluation.batch_size,
+        cfg.seed,
+    )
+    check_data_matches(datamodule.meta, cfg.dataset)
+    module = Classifier.from_config(cfg, datamodule.meta)
+    checkpoint, run_id = resume_point(output_dir) if cfg.train.resume else (None, None)
+    name = run_name(cfg.model.backbone, cfg.model.head, cfg.dataset.name)
+    logger = run_logger(
+        cfg.mlflow.experiment, name, cfg.mlflow.tracking_uri, run_id, run_tags or {}
+    )
+    recorder = RunRecorder(
+        asdict(cfg),
+        describe(module.network),
+        tags={
+            "git_commit": git_commit(Path.cwd()),
+            "data_sha256": datamodule.meta["sha256"],
+            "output_dir": str(output_dir.resolve()),
+            "model": module.network.name,
+        },
+        output_dir=output_dir,
+        resumed=checkpoint is not None,
+    )
+    best = ModelCheckpoint(
+        output_dir / "checkpoints", "best", "val/acc", mode="max", enable_version_counter=False
+    )
+    # Lightning's save_last only writes when `best` does; resuming needs every epoch's state.
+    last = ModelCheckpoint(output_dir / "checkpoints", "last", enable_version_counter=False)
+    divergence = StopOnDivergence()
+    callbacks = [best, last, divergence, recorder, EpochHistory(output_dir / "history.csv")]
+    callbacks += [LearningRateMonitor("epoch"), ProgressBar(), *extra_callbacks]
+    lightning_args = asdict(cfg.trainer)
+    if patience := lightning_args.pop("early_stopping_patience"):
+        callbacks.append(EarlyStopping("val/acc", mode="max", patience=patience))
+    trainer = L.Trainer(
+        **lightning_args, logger=logger, callbacks=callbacks, default_root_dir=output_dir
+    )
+
+    trainer.fit(module, datamodule, ckpt_path=checkpoint)
+    if divergence.epoch is not None:
+        return stop_diverged(cfg, trainer, logger, divergence.epoch, best)
+    trainer.test(module, datamodule, ckpt_path=best.best_model_path, verbose=trainer.is_global_zero)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["val/acc_best"] = float(best.best_model_score or 0.0)
+    if trainer.is_global_zero:
+        logger.log_metrics({"val/acc_best": metrics["val/acc_best"]})
+        if cfg.mlflow.log_checkpoint:
+            logger.experiment.log_artifact(logger.run_id, best.best_model_path, "evaluation")
+        if cfg.train.evaluate:  # `module` holds the best weights: trainer.test loaded them
+            test = datamodule.splits["test"]
+            evaluation = evaluate_run(module, test, cfg.evaluation, output_dir / "eval", output_dir)
+            metrics |= {f"test/acc_at_{r['size']}px": r["accuracy"] for r in evaluation.resolution}
+        log.info("output: %s  mlflow run: %s", output_dir, logger.run_id)
+    return metrics
+
+
+def check_data_matches(meta: dict, dataset: DatasetConfig) -> None:
+    """The preprocessed split must be the one the config describes."""
+    found = (meta["shape"], meta["splits"]["val"]["count"], meta["split_seed"])
+    wanted = (list(dataset.shape), dataset.val_size, dataset.split_seed)
+    if found != wanted:
+        raise PipelineError(
+            f"data/processed/{dataset.name} holds shape/val_size/split_seed = {found}, the config "
+            f"asks for {wanted}: run `python -m pipeline.data.preprocess dataset={dataset.name} "
+            f"dataset.val_size={dataset.val_size} dataset.split_seed={dataset.split_seed}`"
+        )
+
+
+def resume_point(output_dir: Path) -> tuple[Path, str]:
+    """(last checkpoint, MLflow run id) of an interrupted training in `output_dir`."""
+    checkpoint = output_dir / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file() or not (output_dir / RUN_FILE).is_file():
+        raise PipelineError(
+            f"train.resume={output_dir}: no checkpoints/last.ckpt and {RUN_FILE} there; "
+            "pass the output directory of a training that ran at least one epoch"
+        )
+    return checkpoint, read_run(output_dir)["run_id"]
+
+
+def stop_diverged(
+    cfg: TrainConfig, trainer: L.Trainer, logger: MLFlowLogger, epoch: int, best: ModelCheckpoint
+) -> dict[str, float]:
+    """Every rank stopped after `epoch`; rank 0 ends the run as FAILED and says what to change."""
+    if not trainer.is_global_zero:
+        return {"val/acc_best": float(best.best_model_score or 0.0)}
+    logger.experiment.set_terminated(logger.run_id, "FAILED")
+    raise PipelineError(
+        f"training diverged: train/loss is not finite after epoch {epoch} "
+        f"(optimizer.lr={cfg.optimizer.lr}, optimizer.weight_decay="
+        f"{cfg.optimizer.weight_decay}); lower the learning rate or the weight decay"
+    )

@@ -1,0 +1,80 @@
+"""DDP's processes: torch's elastic launcher starts one per device, and each runs `train`.
+
+Every rank gets the same config and output directory, so a training is one directory and one
+MLflow run however many ranks it has; in a sweep too, where the ranks are children of the
+trial's process, which never joins a process group itself and so leaves the next trial a
+clean process. Lightning sees a torchelastic environment and launches nothing itself. Each
+rank's output is also kept in OUTPUT_DIR/logs. A process that a launcher already started as
+a rank (torchrun) trains in place.
+
+Several machines: the same command on each, with MASTER_ADDR and MASTER_PORT (node 0's
+address and a free port there) and NODE_RANK set, as torchrun's static rendezvous takes them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from lightning.fabric.plugins.environments import TorchElasticEnvironment
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from pipeline.config import TrainConfig
+from pipeline.errors import PipelineError
+from pipeline.tracking.runs import open_store
+from pipeline.training.fit import train
+
+NODE_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
+
+
+def run_training(
+    cfg: TrainConfig, output_dir: Path, run_tags: Mapping[str, str]
+) -> dict[str, float]:
+    """Train here, or as `trainer.devices` DDP ranks on this node; returns rank 0's metrics
+    (on nodes other than node 0: their first rank's)."""
+    trainer = cfg.trainer
+    if trainer.strategy != "ddp" or trainer.world_size == 1 or TorchElasticEnvironment.detect():
+        return train(cfg, output_dir, run_tags)
+    launch = LaunchConfig(
+        min_nodes=trainer.num_nodes,
+        max_nodes=trainer.num_nodes,
+        nproc_per_node=trainer.devices,
+        max_restarts=0,
+        logs_specs=DefaultLogsSpecs(log_dir=str(output_dir / "logs"), tee=Std.ALL),
+        **rendezvous(trainer.num_nodes),
+    )
+    open_store(cfg.mlflow.tracking_uri)  # once, before the ranks open it at the same moment
+    try:
+        results = elastic_launch(launch, train_rank)(cfg, output_dir, dict(run_tags))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        raise PipelineError(f"DDP rank {rank} failed: {failure.message}") from err
+    return results[min(results)]
+
+
+def rendezvous(num_nodes: int) -> dict[str, object]:
+    """Where the nodes' launchers meet: on this machine alone, or at node 0 (torchrun's
+    --standalone, or its --master-addr/--master-port/--node-rank)."""
+    if num_nodes == 1:
+        return {"rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0", "run_id": str(uuid.uuid4())}
+    missing = [name for name in NODE_VARIABLES if name not in os.environ]
+    if missing:
+        raise PipelineError(
+            f"trainer.num_nodes={num_nodes} needs {', '.join(missing)} in the environment: node "
+            "0's address, a free port there, and this node's rank (0 to num_nodes - 1)"
+        )
+    return {
+        "rdzv_backend": "static",
+        "rdzv_endpoint": f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+        "rdzv_configs": {"rank": int(os.environ["NODE_RANK"])},
+        "run_id": "none",
+    }
+
+
+@record  # a rank's exception reaches the launcher as its failure message
+def train_rank(cfg: TrainConfig, output_dir: Path, run_tags: dict[str, str]) -> dict[str, float]:
+    return train(cfg, output_dir, run_tags)

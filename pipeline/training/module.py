@@ -1,0 +1,138 @@
+"""The LightningModule: any network of the zoo, trained as a classifier.
+
+Its hyperparameters are plain values (dicts, lists, numbers), so a checkpoint loads with
+`weights_only=True` and rebuilds the same network. Inputs are raw 0-255 images (uint8 or
+float); normalisation with the training split's mean and std is the first step of `forward`,
+so a checkpoint needs nothing else to classify images.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.classification import MulticlassAccuracy
+
+from pipeline.config import (
+    AugmentConfig,
+    DatasetConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainConfig,
+)
+from pipeline.data.augment import augment
+from pipeline.models import Network, build_model
+from pipeline.training.optim import build_optimizer, build_scheduler
+
+
+def metric_name(text: str) -> str:
+    """A class name as MLflow accepts it in a metric key."""
+    return re.sub(r"[^\w\-. ]", "_", text)
+
+
+class Classifier(L.LightningModule):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        dataset: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any],
+        augment: dict[str, Any],
+        mean: list[float],
+        std: list[float],
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        # logger=False: the run's params are the whole resolved config, logged once by tracking
+        self.save_hyperparameters(logger=False)
+        self.dataset_cfg = DatasetConfig(**dataset)
+        self.augment_cfg = AugmentConfig(**augment)
+        self.optimizer_cfg = OptimizerConfig(**optimizer)
+        self.scheduler_cfg = SchedulerConfig(**scheduler)
+        self.network: Network = build_model(ModelConfig(**model), self.dataset_cfg)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
+        classes = len(self.dataset_cfg.classes)
+        # nan_strategy="disable": a diverged epoch's loss stays NaN, for StopOnDivergence
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.train_acc = MulticlassAccuracy(classes, average="micro", validate_args=False)
+        self.val_acc = MulticlassAccuracy(classes, average="micro", validate_args=False)
+        self.test_acc = MulticlassAccuracy(classes, average="micro", validate_args=False)
+        self.test_class_acc = MulticlassAccuracy(classes, average="none", validate_args=False)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, meta: dict[str, Any]) -> Classifier:
+        """The module for a training config, normalising with the preprocessed data's stats."""
+        return cls(
+            model=asdict(cfg.model),
+            dataset=asdict(cfg.dataset),
+            optimizer=asdict(cfg.optimizer),
+            scheduler=asdict(cfg.scheduler),
+            augment=asdict(cfg.data.augment),
+            mean=meta["train_mean"],
+            std=meta["train_std"],
+            label_smoothing=cfg.train.label_smoothing,
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network((images.float() - self.mean) / self.std)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(augment(images.float(), self.augment_cfg))
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        self.train_loss.update(loss.detach(), len(labels))
+        self.train_acc.update(logits.detach(), labels)
+        # handed to self.log only on the steps the loggers write (Lightning's own schedule)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        if self.trainer.is_last_batch:  # before validation, so epoch-end callbacks see them
+            self._log_epoch_metric("train/loss_epoch", self.train_loss)
+            self._log_epoch_metric("train/acc", self.train_acc)
+        return loss
+
+    def _log_epoch_metric(self, name: str, metric: Metric) -> None:
+        # on_epoch: the loggers get it at the epoch's end, whichever step logged it
+        self.log(name, metric.compute(), on_step=False, on_epoch=True, prog_bar=name == "val/acc")
+        metric.reset()
+
+    def _evaluate(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        self.log(f"{stage}/loss", loss, sync_dist=True, prog_bar=stage == "val")
+        return logits
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        self.val_acc.update(self._evaluate("val", batch), batch[1])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metric("val/acc", self.val_acc)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        logits = self._evaluate("test", batch)
+        self.test_acc.update(logits, batch[1])
+        self.test_class_acc.update(logits, batch[1])
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metric("test/acc", self.test_acc)
+        per_class = self.test_class_acc.compute()
+        for name, accuracy in zip(self.dataset_cfg.classes, per_class, strict=True):
+            self.log(f"test/acc_class/{metric_name(name)}", accuracy)
+        self.test_class_acc.reset()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.parameters(), self.optimizer_cfg)
+        scheduler = build_scheduler(
+            optimizer,
+            self.scheduler_cfg,
+            epochs=self.trainer.max_epochs or 1,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler} if scheduler else optimizer
