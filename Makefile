@@ -7,7 +7,7 @@ VENV := .venv
 UV := .tools/bin/uv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install test demo lint format bench ui clean
+.PHONY: install test test-fast demo lint format bench ui clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 
 test: install
 	pytest
+
+# the edit loop: everything but real trainings, sweeps and DVC runs (pytest -m slow: those)
+test-fast: install
+	pytest -m "not slow"
 
 # Offline: the DVC pipeline on the real digits data (LeNet-5 x fc/gap/spp and LeCun 1998),
 # a small parallel sweep grouped under one MLflow parent run, then the results table.

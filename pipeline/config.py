@@ -161,7 +161,7 @@ ACTIVATIONS = ("relu", "tanh", "scaled_tanh", "sigmoid")
 POOLINGS = ("max", "avg", "trainable")
 # seed 000: the value outside the image is "a = 0 or x_0"
 PADDING_MODES = ("zeros", "replicate")
-# learned from data, or fixed to a classical bank (seeds 000, 001, 003)
+# learned from data, or fixed to a classical bank (pipeline/models/banks.py)
 FIRST_LAYERS = ("learned", "gabor", "prewitt", "sobel", "gaussian", "laplacian")
 OUTPUTS = ("linear", "rbf")
 STEMS = ("imagenet", "cifar")
@@ -328,7 +328,7 @@ class SchedulerConfig:
 class EvaluationConfig:
     """`evaluation`: the test-set evaluation, at the end of a training or on its own."""
 
-    # test resolutions as multiples of the training size (seed 004's question)
+    # test resolutions as multiples of the training size (what GAP and SPP are for)
     scales: list[float] = field(default_factory=lambda: [0.75, 1.0, 1.5, 2.0])
     # images per forward pass, for validation and testing too
     batch_size: int = 1000

@@ -9,13 +9,18 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import lightning as L
 import mlflow
 import pytest
 
-from pipeline.config import DatasetConfig
+from pipeline.cli import compose_config
+from pipeline.config import DatasetConfig, PrepareConfig, TrainConfig
+from pipeline.data.fetch import fetch
+from pipeline.data.preprocess import preprocess
+from pipeline.training.fit import train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,11 +81,6 @@ def run_module(module: str, *overrides: str, cwd: Path = REPO) -> subprocess.Com
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real digits data, fetched and preprocessed by the pipeline's own stages."""
-    from pipeline.cli import compose_config
-    from pipeline.config import PrepareConfig
-    from pipeline.data.fetch import fetch
-    from pipeline.data.preprocess import preprocess
-
     directory = tmp_path_factory.mktemp("data")
     stage = compose_config("data", PrepareConfig, ["dataset=digits", f"paths.data_dir={directory}"])
     fetch(stage)
@@ -98,6 +98,35 @@ def cli(tmp: Path, data_dir: Path, *overrides: str) -> list[str]:
         f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
         *overrides,
     ]
+
+
+def train_config(*overrides: str) -> TrainConfig:
+    return compose_config("config", TrainConfig, overrides)
+
+
+def run_training(
+    tmp: Path, data_dir: Path, *overrides: str, extra_callbacks: Sequence[L.Callback] = ()
+) -> tuple[dict, Path, str]:
+    """Train in-process; returns (metrics, output dir, tracking URI)."""
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = train_config(f"paths.data_dir={data_dir}", f"mlflow.tracking_uri={uri}", *overrides)
+    output_dir = tmp / "run"
+    return train(cfg, output_dir, extra_callbacks=extra_callbacks), output_dir, uri
+
+
+# 5 x 18 steps on digits, step metrics every 5: the run the read-only tests share
+SHARED_RUN = (
+    "trainer.max_epochs=5",
+    "data.batch_size=64",
+    "optimizer=adam",
+    "trainer.log_every_n_steps=5",
+)
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
+    """One LeNet-5 training, for the tests that only read what a training leaves."""
+    return run_training(tmp_path_factory.mktemp("shared"), data_dir, *SHARED_RUN)
 
 
 def env() -> dict[str, str]:

@@ -8,6 +8,7 @@ from mlflow.tracking import MlflowClient
 from benchmarks.bench import bench_training, report, training_config, write_dataset
 
 
+@pytest.mark.slow
 def test_the_training_and_the_plain_loop_alternate_step_by_step(tmp_path):
     cfg = training_config(batch_size=64, directory=tmp_path, epochs=2, device="cpu")
     write_dataset(cfg, train_images=256)

@@ -6,20 +6,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from pipeline.cli import CONF_DIR
 from pipeline.tracking.runs import read_run
 from pipeline.tracking.sweeps import PARENT_TAG, SCORE, SWEEP_FILE, TRIALS_FILE
 from tests.conftest import cli, env
+
+pytestmark = pytest.mark.slow  # every test here runs a sweep
 
 # one short epoch, the evaluation at the training size only, no checkpoint copied to MLflow
 QUICK = ("trainer.max_epochs=1", "evaluation.scales=[1.0]", "mlflow.log_checkpoint=false")
@@ -69,7 +68,6 @@ def assert_parent_records_the_best(client: MlflowClient, parent: Run, children: 
     return best
 
 
-@pytest.mark.slow
 def test_parallel_joblib_trials_are_child_runs_of_one_sweep_run(tmp_path, data_dir):
     # another sweep, started at the same moment, races to create the same new store; its one
     # trial is rejected by config validation, so it costs no training
@@ -121,7 +119,6 @@ def test_parallel_joblib_trials_are_child_runs_of_one_sweep_run(tmp_path, data_d
     )
 
 
-@pytest.mark.slow
 def test_optuna_search_records_a_diverged_trial_as_failed_and_goes_on(tmp_path, data_dir):
     # weight decay 1e5 makes the weights, and then the loss, overflow within the first epoch
     result = sweep(
@@ -158,7 +155,6 @@ def test_optuna_search_records_a_diverged_trial_as_failed_and_goes_on(tmp_path, 
     }
 
 
-@pytest.mark.slow
 def test_sweep_of_ddp_trials_gives_each_trial_one_dir_and_one_run(tmp_path, data_dir):
     sweep(
         tmp_path,
@@ -184,19 +180,3 @@ def test_sweep_of_ddp_trials_gives_each_trial_one_dir_and_one_run(tmp_path, data
         last = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
         assert last["global_step"] == 9
     assert_parent_records_the_best(client, parent, children)
-
-
-def test_sweeps_and_runs_started_in_the_same_second_get_their_own_dirs():
-    def resolve() -> tuple[str, str]:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", return_hydra_config=True)
-        return str(cfg.hydra.sweep.dir), str(cfg.hydra.run.dir)
-
-    for _ in range(10):  # until two land in the same second (almost always the first time)
-        first, second = resolve(), resolve()
-        if first[0][:-7] == second[0][:-7]:
-            break
-        time.sleep(0.01)
-    assert first[0][:-7] == second[0][:-7]  # multirun/DATE/HH-MM-SS, then -microseconds
-    assert first[0] != second[0] and first[1] != second[1]
-    assert first[0].startswith("multirun/") and first[1].startswith("outputs/")

@@ -74,7 +74,7 @@ def kernels_figure(network: nn.Module, limit: int = 96) -> Figure:
 
 
 def resolution_figure(curves: dict[str, list[dict[str, float]]]) -> Figure:
-    """Test accuracy against input size, one line per model (seed 004: GAP/SPP vs FC)."""
+    """Test accuracy against input size, one line per model (GAP/SPP vs FC)."""
     figure = Figure(figsize=(5.5, 3.8))
     axes = figure.add_subplot()
     for name, rows in curves.items():

@@ -1,13 +1,14 @@
-"""The feature extractors: LeNet-5 in its three forms (seeds 000, 001, 003) and AlexNet.
+"""The feature extractors: LeNet-5 in its three forms (the lecture notes' two Keras versions,
+LeCun et al. 1998) and AlexNet (Krizhevsky et al. 2012).
 
 A builder returns an nn.Sequential of named blocks in forward order (pad, C1, S2, ... or
 conv1, norm1, pool1, ...), so the summary prints one row per layer under the paper's name.
 
 The tail: each backbone's last block exists only to reach the fixed size of its fully
-connected layers: LeNet's C5 (a 5x5 window on S4's 5x5 maps, "a full connection", seed 003)
+connected layers: LeNet's C5 (a 5x5 window on S4's 5x5 maps, "a full connection", LeCun et al. 1998)
 and AlexNet's pool5 (13x13 -> the 6x6 fc6 expects). Only the fc head gets it. SPP takes the
 place of the last pooling layer (He et al. 2015) and GAP's class maps the place of C5 (NIN;
-seed 004 draws them on S4), so those heads read the larger maps before the tail.
+Lin et al. 2013), so those heads read the larger maps before the tail.
 
 Smallest input side the GAP and SPP heads accept (`Network.min_input_size`, pinned by the
 tests): 12 for the LeNet-5s built for 28x28 (lenet5 and lenet5_classic with their 2 px pad,
@@ -124,11 +125,11 @@ def _input_pad(cfg: ModelConfig) -> dict[str, nn.Module]:
 class LeNetForm:
     """What tells the three LeNet-5s apart, besides their default options."""
 
-    # 0: valid on the 32x32 field (seeds 000, 003); 2: Keras 'same' on 28x28 (seed 001)
+    # 0: valid on the 32x32 field (lenet5, LeCun 1998); 2: Keras 'same' on 28x28 (lenet5_keras)
     c1_padding: int
-    # C3 wired by LECUN_C3_TABLE (seed 003) rather than to all six S2 maps
+    # C3 wired by LECUN_C3_TABLE (LeCun et al. 1998) rather than to all six S2 maps
     c3_table: bool
-    # 5: C5 sees all of S4 (a full connection at 32x32); 1: seed 001's 1x1 C5
+    # 5: C5 sees all of S4 (a full connection at 32x32); 1: the Keras variant's 1x1 C5
     c5_kernel: int
 
 

@@ -1,4 +1,5 @@
-"""The classifiers a backbone's feature maps can go to: fc, gap and spp (seed 004).
+"""The classifiers a backbone's feature maps can go to: fc, gap (Lin et al. 2013)
+and spp (He et al. 2015).
 
 - fc: flatten and fully connected layers (LeNet-5: F6 84, then the output; AlexNet: dropout,
   4096, dropout, 4096, output). Its first layer's width fixes the input resolution.

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 
 class ScaledTanh(nn.Module):
-    """LeCun et al. 1998's squashing function f(a) = 1.7159 tanh(2a/3) (seed 003).
+    """LeCun et al. 1998's squashing function f(a) = 1.7159 tanh(2a/3).
 
     The constants make f(1) = 1 and f(-1) = -1, where the second derivative is largest, so
     targets of +-1 sit in the sigmoid's non-saturated range.
@@ -35,7 +35,7 @@ def activation(name: str) -> nn.Module:
 
 class TrainableSubsampling(nn.Module):
     """LeNet-5's S2/S4: the sum of each kernel x kernel window, times a per-map coefficient,
-    plus a per-map bias (seed 003: 2 parameters per map, 5 connections per unit for 2x2).
+    plus a per-map bias (LeCun et al. 1998: 2 parameters per map, 5 connections per unit for 2x2).
 
     Initialised to the window average (coefficient 1/kernel^2, bias 0).
     """
@@ -93,7 +93,7 @@ class ConnectionTableConv2d(nn.Module):
 
 
 class SpatialPyramidPool(nn.Module):
-    """He et al. 2015 (seed 004): max-pool each map into n x n bins for every pyramid level and
+    """He et al. 2015: max-pool each map into n x n bins for every pyramid level and
     concatenate, so any input size gives C * sum(n^2) features (4,2,1: 21 bins per map).
 
     Adaptive pooling sizes the bins from the input, as the paper's ceil/floor windows do.
@@ -112,7 +112,7 @@ class SpatialPyramidPool(nn.Module):
 
 
 class GlobalAvgPool(nn.Module):
-    """Network in Network (seed 004): the mean of each map, so one class map gives one score."""
+    """Network in Network (Lin et al. 2013): the mean of each map, so a class map gives a score."""
 
     def forward(self, x: Tensor) -> Tensor:
         return x.mean(dim=(2, 3))
@@ -132,9 +132,9 @@ def hadamard_codes(num_classes: int, dim: int) -> Tensor:
 
 class RBFOutput(nn.Module):
     """LeNet-5's output layer: each class unit computes the Euclidean distance between its input
-    (F6) and a fixed +-1 code (seed 003: "Gaussian connections"). It returns minus the squared
-    distance, so the nearest code has the largest score and argmax / cross-entropy work as for
-    a linear layer. The codes are a buffer: fixed, not trained, saved with the model.
+    (F6) and a fixed +-1 code (LeCun et al. 1998: "Gaussian connections"). It returns minus the
+    squared distance, so the nearest code has the largest score and argmax / cross-entropy work
+    as for a linear layer. The codes are a buffer: fixed, not trained, saved with the model.
     """
 
     def __init__(self, in_features: int, num_classes: int) -> None:

@@ -2,7 +2,7 @@
 
 Shapes come from the output-size formula (`pipeline.models.geometry`), not from running the
 network, so even AlexNet at 224x224 costs no forward pass. Connections are counted as LeCun
-et al. 1998 count them (seed 003): for each output unit, the inputs it sums plus one for its
+et al. 1998 count them: for each output unit, the inputs it sums plus one for its
 bias; convolutions count every position (C1: 28 x 28 x 6 x (25 + 1) = 122,304), shared
 weights or not. Pooling units count their window (LeCun's trainable subsampling adds its
 bias: 5 per unit), SPP and GAP units their bin, the RBF output its 84 inputs. Activations,

@@ -10,6 +10,7 @@ training find the same run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -23,6 +24,7 @@ from typing import Any
 import lightning as L
 import mlflow
 import yaml
+from filelock import FileLock
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
 
@@ -60,10 +62,16 @@ def read_run(output_dir: Path) -> dict[str, str]:
     return json.loads((output_dir / RUN_FILE).read_text())
 
 
-def open_store(tracking_uri: str) -> None:
-    """Create the tracking store if it is new (a sqlite file's tables), so that processes
-    starting together never race to create it."""
-    MlflowClient(tracking_uri).search_experiments(max_results=1)
+def open_store(tracking_uri: str) -> MlflowClient:
+    """A client of the tracking store, which it creates if new. Processes that start together
+    take turns at a sqlite file: two creating its tables at once leave a broken schema."""
+    database = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:") else ""
+    if database:
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock") if database else contextlib.nullcontext():
+        client = MlflowClient(tracking_uri)
+        client.search_experiments(max_results=1)
+    return client
 
 
 def run_logger(

@@ -25,9 +25,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from pipeline.tracking.runs import RUN_FILE, read_run
+from pipeline.tracking.runs import RUN_FILE, open_store, read_run
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +60,8 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def client_for(tracking_uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri)
-
-
-def experiment_id(client: Any, name: str) -> str:
+def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of experiment `name`, created if missing (also when another process just did)."""
-    from mlflow.exceptions import MlflowException
-
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -133,7 +127,7 @@ class SweepTracking(Callback):
         uri, name = config.mlflow.tracking_uri, config.mlflow.experiment
 
         def open_parent() -> dict[str, str]:
-            client = client_for(uri)
+            client = open_store(uri)
             experiment = experiment_id(client, name)
             tags = {
                 "sweep.dir": str(sweep_dir.resolve()),
@@ -171,7 +165,7 @@ class SweepTracking(Callback):
         except Exception as err:  # the trial's own exception, re-raised by Hydra's JobReturn
             score, error = None, str(err)
         if not completed and run is not None:
-            client = client_for(run["tracking_uri"])
+            client = MlflowClient(run["tracking_uri"])
             if client.get_run(run["run_id"]).info.status != "FAILED":
                 retry(lambda: client.set_terminated(run["run_id"], "FAILED"), "ending a run")
         trial = {
@@ -192,7 +186,7 @@ class SweepTracking(Callback):
             return
         self.closed = True
         parent = json.loads(self.sweep_file.read_text())
-        client = client_for(parent["tracking_uri"])
+        client = MlflowClient(parent["tracking_uri"])
         parent_id = parent["run_id"]
         # trials that sweep mlflow.experiment (or the dataset) log to other experiments
         experiments = [e.experiment_id for e in client.search_experiments()]
