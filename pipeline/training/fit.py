@@ -51,13 +51,7 @@ def train(
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     output_dir.mkdir(parents=True, exist_ok=True)
-    datamodule = TensorDataModule(
-        cfg.paths.processed_dir(cfg.dataset.name),
-        cfg.data.batch_size,
-        cfg.evaluation.batch_size,
-        cfg.seed,
-    )
-    check_data_matches(datamodule.meta, cfg.dataset)
+    datamodule = open_data(cfg)
     module = Classifier.from_config(cfg, datamodule.meta)
     checkpoint, run_id = resume_point(output_dir) if cfg.train.resume else (None, None)
     name = run_name(cfg.model.backbone, cfg.model.head, cfg.dataset.name)
@@ -107,6 +101,18 @@ def train(
             metrics |= {f"test/acc_at_{r['size']}px": r["accuracy"] for r in evaluation.resolution}
         log.info("output: %s  mlflow run: %s", output_dir, logger.run_id)
     return metrics
+
+
+def open_data(cfg: TrainConfig) -> TensorDataModule:
+    """The preprocessed splits (loaded in `setup`), checked against the dataset config."""
+    datamodule = TensorDataModule(
+        cfg.paths.processed_dir(cfg.dataset.name),
+        cfg.data.batch_size,
+        cfg.evaluation.batch_size,
+        cfg.seed,
+    )
+    check_data_matches(datamodule.meta, cfg.dataset)
+    return datamodule
 
 
 def check_data_matches(meta: dict, dataset: DatasetConfig) -> None:

@@ -26,7 +26,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.tracking.runs import open_store
-from pipeline.training.fit import train
+from pipeline.training.fit import open_data, train
 
 NODE_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
 
@@ -44,15 +44,22 @@ def run_training(
         max_nodes=trainer.num_nodes,
         nproc_per_node=trainer.devices,
         max_restarts=0,
+        # fork: the ranks start with this process's imports; it has computed nothing with
+        # torch (no CUDA context, no thread pool) for them to inherit
+        start_method="fork",
         logs_specs=DefaultLogsSpecs(log_dir=str(output_dir / "logs"), tee=Std.ALL),
         **rendezvous(trainer.num_nodes),
     )
+    open_data(cfg)  # a missing or mismatched dataset fails here, before any rank starts
     open_store(cfg.mlflow.tracking_uri)  # once, before the ranks open it at the same moment
     try:
         results = elastic_launch(launch, train_rank)(cfg, output_dir, dict(run_tags))
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
-        raise PipelineError(f"DDP rank {rank} failed: {failure.message}") from err
+        message = failure.message  # the rank's exception, as @record wrote it
+        if isinstance(message, dict):
+            message = message.get("message", message)
+        raise PipelineError(f"DDP rank {rank} failed: {message}") from err
     return results[min(results)]
 
 
