@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cli import compose_config
-from pipeline.config import TrainConfig
+from pipeline.config import TrainJob
 from pipeline.data.datamodule import Batches
 from pipeline.data.preprocess import describe
 from pipeline.data.store import Split, load_split, read_meta, save_split, write_meta
@@ -58,7 +58,7 @@ def bench_load(directory: Path, repeats: int = 5) -> list[float]:
     return times
 
 
-def training_config(batch_size: int, directory: Path, epochs: int, device: str) -> TrainConfig:
+def training_config(batch_size: int, directory: Path, epochs: int, device: str) -> TrainJob:
     """The MNIST LeNet-5 training, `epochs` epochs after a warm-up one, all files in `directory`."""
     overrides = [
         "model=lenet5",
@@ -72,10 +72,10 @@ def training_config(batch_size: int, directory: Path, epochs: int, device: str) 
         f"mlflow.tracking_uri=sqlite:///{directory}/mlflow.db",
         "mlflow.experiment=bench",
     ]
-    return compose_config("config", TrainConfig, overrides)
+    return compose_config("config", TrainJob, overrides)
 
 
-def write_dataset(cfg: TrainConfig, train_images: int) -> None:
+def write_dataset(cfg: TrainJob, train_images: int) -> None:
     """MNIST-shaped random data where the config's training reads it."""
     directory = cfg.paths.processed_dir(cfg.dataset.name)
     directory.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def write_dataset(cfg: TrainConfig, train_images: int) -> None:
 class PlainLoop:
     """The same training as a bare PyTorch loop: network, optimizer, normalisation, batches."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainJob) -> None:
         device = cfg.trainer.accelerator
         directory = cfg.paths.processed_dir(cfg.dataset.name)
         split = Split(*(t.to(device) for t in load_split(directory, "train")))
@@ -146,7 +146,7 @@ class Interleave(L.Callback):
         return time.perf_counter()
 
 
-def bench_training(cfg: TrainConfig, output_dir: Path) -> Interleave:
+def bench_training(cfg: TrainJob, output_dir: Path) -> Interleave:
     """The training of `cfg`, each of its steps followed by a plain one."""
     interleave = Interleave(PlainLoop(cfg))
     train(cfg, output_dir, extra_callbacks=[interleave])

@@ -1,5 +1,8 @@
 """Every config schema, registered in Hydra's ConfigStore.
 
+A `*Job` is the whole config of one entry point (`python -m pipeline.train` composes a
+TrainJob); a `*Config` is one node or group within it.
+
 Each dataclass holds its keys' defaults, written once: `conf/*.yaml` extend the schemas and
 hold only what differs. Hydra type-checks while it composes; `validate` then builds the
 dataclasses, whose `__post_init__` checks ranges and names, so a typo or a bad value stops the
@@ -36,9 +39,13 @@ def one_of(value: Any, key: str, allowed: Iterable[Any], nullable: bool = False)
 
 
 def validate(cfg: DictConfig, schema: type[T]) -> T:
-    """Build `schema` from a composed config (checking every value), or raise a ConfigError."""
+    """Build `schema` from a composed config (checking every value), or raise a ConfigError.
+
+    The config is merged as plain values, so that a key Hydra added (`+trainer.max_epoch=3`)
+    is refused by name rather than dropped."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))  # type: ignore[return-value]
+        values = OmegaConf.to_container(cfg, resolve=True)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid config: {err}") from err
 
@@ -112,7 +119,7 @@ class PathsConfig:
 
 
 @dataclass
-class PrepareConfig:
+class PrepareJob:
     """`conf/data.yaml`: the fetch and preprocess stages."""
 
     dataset: DatasetConfig = MISSING
@@ -373,7 +380,7 @@ class TrackingConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainJob:
     """`conf/config.yaml`: `python -m pipeline.train`."""
 
     dataset: DatasetConfig = MISSING
@@ -401,7 +408,7 @@ class TrainConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateJob:
     """`conf/evaluate.yaml`: `python -m pipeline.evaluate run_dir=...`."""
 
     # a training's output directory
@@ -413,7 +420,7 @@ class EvaluateConfig:
 
 
 @dataclass
-class SummaryConfig:
+class SummaryJob:
     """`conf/summary.yaml`: a model and a dataset, with optional overrides of the input shape
     and class count (to show a network at its paper's size, e.g. AlexNet on ImageNet)."""
 
@@ -442,7 +449,7 @@ class SummaryConfig:
 
 # Each primary config in conf/ starts from its schema: `defaults: [NAME_schema, _self_, ...]`.
 store = ConfigStore.instance()
-store.store(name="train_schema", node=TrainConfig)
-store.store(name="evaluate_schema", node=EvaluateConfig)
-store.store(name="summary_schema", node=SummaryConfig)
-store.store(name="prepare_schema", node=PrepareConfig)
+store.store(name="train_schema", node=TrainJob)
+store.store(name="evaluate_schema", node=EvaluateJob)
+store.store(name="summary_schema", node=SummaryJob)
+store.store(name="prepare_schema", node=PrepareJob)

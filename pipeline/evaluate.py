@@ -13,14 +13,14 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.cli import hydra_entry
-from pipeline.config import EvaluateConfig, validate
+from pipeline.config import EvaluateJob, validate
 from pipeline.data.store import load_split
 from pipeline.evaluation.evaluate import evaluate_run, load_checkpoint
 
 
 @hydra_entry("evaluate")
 def main(cfg: DictConfig) -> None:
-    config = validate(cfg, EvaluateConfig)
+    config = validate(cfg, EvaluateJob)
     run_dir = Path(config.run_dir)
     module = load_checkpoint(run_dir / config.checkpoint)
     test = load_split(config.paths.processed_dir(module.dataset_cfg.name), "test")

@@ -8,14 +8,14 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from pipeline.cli import hydra_entry
-from pipeline.config import SummaryConfig, validate
+from pipeline.config import SummaryJob, validate
 from pipeline.models import build_model
 from pipeline.models.summary import describe
 
 
 @hydra_entry("summary")
 def main(cfg: DictConfig) -> None:
-    config = validate(cfg, SummaryConfig)
+    config = validate(cfg, SummaryJob)
     print(describe(build_model(config.model, config.reported_dataset())))
 
 

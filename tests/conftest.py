@@ -17,7 +17,7 @@ import mlflow
 import pytest
 
 from pipeline.cli import compose_config
-from pipeline.config import DatasetConfig, PrepareConfig, TrainConfig
+from pipeline.config import DatasetConfig, PrepareJob, TrainJob
 from pipeline.data.fetch import fetch
 from pipeline.data.preprocess import preprocess
 from pipeline.training.fit import train
@@ -82,7 +82,7 @@ def run_module(module: str, *overrides: str, cwd: Path = REPO) -> subprocess.Com
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real digits data, fetched and preprocessed by the pipeline's own stages."""
     directory = tmp_path_factory.mktemp("data")
-    stage = compose_config("data", PrepareConfig, ["dataset=digits", f"paths.data_dir={directory}"])
+    stage = compose_config("data", PrepareJob, ["dataset=digits", f"paths.data_dir={directory}"])
     fetch(stage)
     preprocess(stage)
     return directory
@@ -100,8 +100,8 @@ def cli(tmp: Path, data_dir: Path, *overrides: str) -> list[str]:
     ]
 
 
-def train_config(*overrides: str) -> TrainConfig:
-    return compose_config("config", TrainConfig, overrides)
+def train_config(*overrides: str) -> TrainJob:
+    return compose_config("config", TrainJob, overrides)
 
 
 def run_training(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cli import compose_config
-from pipeline.config import PrepareConfig
+from pipeline.config import PrepareJob
 from pipeline.data.fetch import fetch
 from pipeline.data.preprocess import preprocess
 from pipeline.data.store import SPLITS, atomic_directory, load_split, read_meta
@@ -26,8 +26,8 @@ CIFAR_CLASSES = [
 ]
 
 
-def data_config(*overrides: str) -> PrepareConfig:
-    return compose_config("data", PrepareConfig, overrides)
+def data_config(*overrides: str) -> PrepareJob:
+    return compose_config("data", PrepareJob, overrides)
 
 
 def checksums_override(files: dict[str, bytes]) -> str:

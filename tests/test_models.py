@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.cli import CONF_DIR, compose_config
-from pipeline.config import FIRST_LAYERS, ModelConfig, SummaryConfig
+from pipeline.config import FIRST_LAYERS, ModelConfig, SummaryJob
 from pipeline.errors import ConfigError
 from pipeline.models import BACKBONES, HEADS, InputShapeError, Network, build_model
 from pipeline.models.backbones import LECUN_C3_TABLE
@@ -60,8 +60,8 @@ def layer_params(model: Network) -> dict[str, int]:
 BACKBONE_NAMES, HEAD_NAMES = tuple(BACKBONES), tuple(HEADS)
 
 
-def composed(*overrides: str) -> SummaryConfig:
-    return compose_config("summary", SummaryConfig, overrides)
+def composed(*overrides: str) -> SummaryJob:
+    return compose_config("summary", SummaryJob, overrides)
 
 
 # --- the seeds' figures -------------------------------------------------------------------

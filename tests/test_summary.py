@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.cli import compose_config
-from pipeline.config import ModelConfig, SummaryConfig
+from pipeline.config import ModelConfig, SummaryJob
 from pipeline.errors import ConfigError
 from pipeline.models import BACKBONES, HEADS, Network, build_model
 from pipeline.models.geometry import conv_output_size
@@ -23,8 +23,8 @@ def rows_of(backbone: str, head: str = "fc", **options: str) -> dict[str, LayerR
     return {row.name: row for row in layer_rows(model.layers(), model.expected_input)}
 
 
-def summary_config(*overrides: str) -> SummaryConfig:
-    return compose_config("summary", SummaryConfig, overrides)
+def summary_config(*overrides: str) -> SummaryJob:
+    return compose_config("summary", SummaryJob, overrides)
 
 
 # --- the output-size formula (seed 001) --------------------------------------------------

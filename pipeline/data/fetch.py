@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.cli import hydra_entry
-from pipeline.config import DatasetConfig, PrepareConfig, validate
+from pipeline.config import DatasetConfig, PrepareJob, validate
 from pipeline.data.sources import SOURCES, RawSource
 from pipeline.data.store import atomic_directory
 from pipeline.errors import PipelineError
@@ -111,7 +111,7 @@ def _try_mirrors(source: RawSource, cfg: DatasetConfig, staging: Path) -> None:
     )
 
 
-def fetch(cfg: PrepareConfig) -> Path:
+def fetch(cfg: PrepareJob) -> Path:
     """Download and verify `cfg.dataset` into `data/raw/NAME`; return that directory."""
     dataset = cfg.dataset
     target = cfg.paths.raw_dir(dataset.name)
@@ -126,7 +126,7 @@ def fetch(cfg: PrepareConfig) -> Path:
 
 @hydra_entry("data")
 def main(cfg: DictConfig) -> None:
-    fetch(validate(cfg, PrepareConfig))
+    fetch(validate(cfg, PrepareJob))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.cli import hydra_entry
-from pipeline.config import DatasetConfig, PrepareConfig, require, validate
+from pipeline.config import DatasetConfig, PrepareJob, require, validate
 from pipeline.data.sources import SOURCES, RawData
 from pipeline.data.store import Split, atomic_directory, save_split, write_meta
 from pipeline.errors import PipelineError
@@ -98,7 +98,7 @@ def describe(splits: dict[str, Split], cfg: DatasetConfig) -> dict[str, Any]:
     }
 
 
-def preprocess(cfg: PrepareConfig) -> Path:
+def preprocess(cfg: PrepareJob) -> Path:
     """Turn `data/raw/NAME` into `data/processed/NAME`; return the latter."""
     dataset = cfg.dataset
     raw_dir = cfg.paths.raw_dir(dataset.name)
@@ -127,7 +127,7 @@ def preprocess(cfg: PrepareConfig) -> Path:
 
 @hydra_entry("data")
 def main(cfg: DictConfig) -> None:
-    preprocess(validate(cfg, PrepareConfig))
+    preprocess(validate(cfg, PrepareJob))
 
 
 if __name__ == "__main__":

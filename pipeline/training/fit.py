@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
-from pipeline.config import DatasetConfig, TrainConfig
+from pipeline.config import DatasetConfig, TrainJob
 from pipeline.data.datamodule import TensorDataModule
 from pipeline.errors import PipelineError
 from pipeline.evaluation.evaluate import evaluate_run
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def train(
-    cfg: TrainConfig,
+    cfg: TrainJob,
     output_dir: Path,
     run_tags: Mapping[str, str] | None = None,
     extra_callbacks: Sequence[L.Callback] = (),
@@ -103,7 +103,7 @@ def train(
     return metrics
 
 
-def open_data(cfg: TrainConfig) -> TensorDataModule:
+def open_data(cfg: TrainJob) -> TensorDataModule:
     """The preprocessed splits (loaded in `setup`), checked against the dataset config."""
     datamodule = TensorDataModule(
         cfg.paths.processed_dir(cfg.dataset.name),
@@ -139,7 +139,7 @@ def resume_point(output_dir: Path) -> tuple[Path, str]:
 
 
 def stop_diverged(
-    cfg: TrainConfig, trainer: L.Trainer, logger: MLFlowLogger, epoch: int, best: ModelCheckpoint
+    cfg: TrainJob, trainer: L.Trainer, logger: MLFlowLogger, epoch: int, best: ModelCheckpoint
 ) -> dict[str, float]:
     """Every rank stopped after `epoch`; rank 0 ends the run as FAILED and says what to change."""
     if not trainer.is_global_zero:

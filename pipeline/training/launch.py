@@ -23,7 +23,7 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainJob
 from pipeline.errors import PipelineError
 from pipeline.tracking.runs import open_store
 from pipeline.training.fit import open_data, train
@@ -31,9 +31,7 @@ from pipeline.training.fit import open_data, train
 NODE_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
 
 
-def run_training(
-    cfg: TrainConfig, output_dir: Path, run_tags: Mapping[str, str]
-) -> dict[str, float]:
+def run_training(cfg: TrainJob, output_dir: Path, run_tags: Mapping[str, str]) -> dict[str, float]:
     """Train here, or as `trainer.devices` DDP ranks on this node; returns rank 0's metrics
     (on nodes other than node 0: their first rank's)."""
     trainer = cfg.trainer
@@ -83,5 +81,5 @@ def rendezvous(num_nodes: int) -> dict[str, object]:
 
 
 @record  # a rank's exception reaches the launcher as its failure message
-def train_rank(cfg: TrainConfig, output_dir: Path, run_tags: dict[str, str]) -> dict[str, float]:
+def train_rank(cfg: TrainJob, output_dir: Path, run_tags: dict[str, str]) -> dict[str, float]:
     return train(cfg, output_dir, run_tags)

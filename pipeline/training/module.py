@@ -24,7 +24,7 @@ from pipeline.config import (
     ModelConfig,
     OptimizerConfig,
     SchedulerConfig,
-    TrainConfig,
+    TrainJob,
 )
 from pipeline.data.augment import augment
 from pipeline.models import Network, build_model
@@ -67,7 +67,7 @@ class Classifier(L.LightningModule):
         self.test_class_acc = MulticlassAccuracy(classes, average="none", validate_args=False)
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, meta: dict[str, Any]) -> Classifier:
+    def from_config(cls, cfg: TrainJob, meta: dict[str, Any]) -> Classifier:
         """The module for a training config, normalising with the preprocessed data's stats."""
         return cls(
             model=asdict(cfg.model),
