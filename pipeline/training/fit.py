@@ -92,14 +92,16 @@ def train(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["val/acc_best"] = float(best.best_model_score or 0.0)
     if trainer.is_global_zero:
-        logger.log_metrics({"val/acc_best": metrics["val/acc_best"]})
+        # synchronous: the run has ended (its queue drained), and a sweep reads this at once
+        client, run_id = logger.experiment, logger.run_id
+        client.log_metric(run_id, "val/acc_best", metrics["val/acc_best"], synchronous=True)
         if cfg.mlflow.log_checkpoint:
-            logger.experiment.log_artifact(logger.run_id, best.best_model_path, "evaluation")
+            client.log_artifact(run_id, best.best_model_path, "evaluation")
         if cfg.train.evaluate:  # `module` holds the best weights: trainer.test loaded them
             test = datamodule.splits["test"]
             evaluation = evaluate_run(module, test, cfg.evaluation, output_dir / "eval", output_dir)
             metrics |= {f"test/acc_at_{r['size']}px": r["accuracy"] for r in evaluation.resolution}
-        log.info("output: %s  mlflow run: %s", output_dir, logger.run_id)
+        log.info("output: %s  mlflow run: %s", output_dir, run_id)
     return metrics
 
 
