@@ -58,8 +58,7 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy2(REPO / name, copy / name)
     keep_runs(copy, epochs=2)
     sh("git", "init", "-q", cwd=copy)
-    sh("git", "add", "-A", cwd=copy)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy", cwd=copy)
+    commit_all(copy, "copy")
     return copy
 
 
@@ -95,10 +94,34 @@ def test_offline_profile_end_to_end_then_nothing_to_do(repo_copy: Path):
     assert not any((repo_copy / "runs" / run / "eval").exists() for run in DIGITS_RUNS)
 
 
+def commit_all(repo: Path, message: str) -> None:
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, cwd=repo)
+
+
+def test_pushed_results_pull_into_a_fresh_clone_with_nothing_to_rerun(repo_copy: Path):
+    sh("dvc", "repro", *OFFLINE, cwd=repo_copy)  # up to date whatever ran before
+    commit_all(repo_copy, "results")
+    sh("dvc", "push", cwd=repo_copy)  # to the default remote, a directory beside the repo
+    assert (repo_copy.parent / "convnet-pipeline-dvc-store" / "files" / "md5").is_dir()
+
+    clone = repo_copy.parent / "clone"
+    sh("git", "clone", "-q", str(repo_copy), str(clone), cwd=repo_copy.parent)
+    sh("dvc", "pull", cwd=clone)
+    again = sh("dvc", "repro", *OFFLINE, cwd=clone)
+    assert ran(again.stdout) == set()
+    assert "Data and pipelines are up to date." in again.stdout
+    shown = [
+        next(iter(json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout).values()))
+        for repo in (repo_copy, clone)
+    ]
+    assert shown[0] == shown[1] and shown[0]["data"]
+    assert (clone / "runs" / DIGITS_RUNS[0] / "checkpoints" / "best.ckpt").is_file()
+
+
 def test_changed_parameter_reruns_only_its_branch_as_a_dvc_experiment(repo_copy: Path):
     sh("dvc", "repro", *OFFLINE, cwd=repo_copy)  # up to date whatever ran before
-    sh("git", "add", "-A", cwd=repo_copy)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock", cwd=repo_copy)
+    commit_all(repo_copy, "lock")
     change = ("-S", "runs.digits-lenet5.epochs=3", "-n", "longer")
     every_run = [f"evaluate@{run}" for run in DIGITS_RUNS]
     experiment = sh("dvc", "exp", "run", *change, *every_run, cwd=repo_copy)
