@@ -7,7 +7,7 @@ VENV := .venv
 UV := .tools/bin/uv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install test test-fast demo lint format bench ui clean
+.PHONY: install system-packages test test-fast demo lint format bench ui server clean
 
 install: $(VENV)/.installed
 
@@ -20,7 +20,15 @@ $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 	$(UV) sync --frozen --extra dev --python $(PYTHON)
 	touch $@
 
-test: install
+# Debian's PostgreSQL (the tracking server's database), when this is root with apt-get;
+# elsewhere the tests that need it say so and are skipped.
+system-packages:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! [ -x /usr/lib/postgresql/*/bin/pg_ctl ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; \
+	fi
+
+test: install system-packages
 	pytest
 
 # the edit loop: everything but real trainings, sweeps and DVC runs (pytest -m slow: those)
@@ -48,6 +56,10 @@ bench: install
 
 ui: install
 	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db
+
+# the team's tracking server (PostgreSQL + proxied artifacts): see README, "Scale out"
+server: install system-packages
+	python -m pipeline.server
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache

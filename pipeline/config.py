@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -36,6 +37,15 @@ def one_of(value: Any, key: str, allowed: Iterable[Any], nullable: bool = False)
     names = list(allowed)
     ok = value in names or (nullable and value is None)
     require(ok, key, value, ", ".join(["null"] * nullable + [str(name) for name in names]))
+
+
+def mask_password(uri: str) -> str:
+    """`uri` with any password replaced by ***: safe for params, files, logs and terminals."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def validate(cfg: DictConfig, schema: type[T]) -> T:
@@ -447,9 +457,38 @@ class SummaryJob:
         return dataset
 
 
+@dataclass
+class ServerJob:
+    """`conf/server.yaml`: `python -m pipeline.server`, the team's MLflow tracking server."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0: reachable from other machines
+    port: int = 5000
+    # null: a PostgreSQL the project runs itself, its data in data_dir/postgres; or a team's own
+    # database, e.g. postgresql://mlflow:PASSWORD@db.team:5432/mlflow
+    backend_store_uri: str | None = None
+    # the project-run database, the proxied artifacts, the database password file
+    data_dir: str = ".server"
+    database_port: int = 5433
+    workers: int = 2  # uvicorn worker processes
+
+    def __post_init__(self) -> None:
+        for key in ("port", "database_port"):
+            value = getattr(self, key)
+            require(0 < value < 65536, key, value, "a TCP port, 1 to 65535")
+        if self.backend_store_uri is not None:
+            require(
+                self.backend_store_uri.startswith("postgresql"),
+                "backend_store_uri",
+                mask_password(self.backend_store_uri),
+                "null or a postgresql://user:password@host:port/database URI",
+            )
+        require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
+
+
 # Each primary config in conf/ starts from its schema: `defaults: [NAME_schema, _self_, ...]`.
 store = ConfigStore.instance()
 store.store(name="train_schema", node=TrainJob)
 store.store(name="evaluate_schema", node=EvaluateJob)
 store.store(name="summary_schema", node=SummaryJob)
 store.store(name="prepare_schema", node=PrepareJob)
+store.store(name="server_schema", node=ServerJob)

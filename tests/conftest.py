@@ -129,6 +129,14 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
     return run_training(tmp_path_factory.mktemp("shared"), data_dir, *SHARED_RUN)
 
 
+def needs(available: bool, what: str) -> None:
+    """Skip a test whose system component is missing, saying which; in CI (CI=true) fail."""
+    if not available:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{what} is missing, and CI=true requires it")
+        pytest.skip(f"needs {what}")
+
+
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 

@@ -14,6 +14,7 @@ import contextlib
 import csv
 import json
 import math
+import os
 import subprocess
 import time
 import uuid
@@ -27,6 +28,8 @@ import yaml
 from filelock import FileLock
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
+
+from pipeline.config import mask_password
 
 RUN_FILE = "run.json"
 
@@ -59,7 +62,13 @@ def run_name(backbone: str, head: str, dataset: str) -> str:
 
 
 def read_run(output_dir: Path) -> dict[str, str]:
-    return json.loads((output_dir / RUN_FILE).read_text())
+    """run.json: the run id, and the store's URI (password masked: it comes back from the
+    MLFLOW_TRACKING_URI environment variable when that names the same store)."""
+    run = json.loads((output_dir / RUN_FILE).read_text())
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if configured and mask_password(configured) == run["tracking_uri"]:
+        run["tracking_uri"] = configured
+    return run
 
 
 def open_store(tracking_uri: str) -> MlflowClient:
@@ -102,7 +111,9 @@ class RunRecorder(L.Callback):
         resumed: bool,
     ) -> None:
         """`config`: the training's resolved config as plain values."""
-        self.config, self.summary = config, summary
+        uri = mask_password(config["mlflow"]["tracking_uri"])
+        self.config = {**config, "mlflow": {**config["mlflow"], "tracking_uri": uri}}
+        self.summary = summary
         self.tags, self.output_dir, self.resumed = tags, output_dir, resumed
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -1,0 +1,211 @@
+"""The team tracking server: `python -m pipeline.server`, a real `mlflow server` on a real
+PostgreSQL, on 127.0.0.1; trainings, sweeps and DDP log into it over HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import PipelineError
+from pipeline.tracking.runs import read_run
+from pipeline.tracking.server import LocalPostgres, postgres_bin
+from pipeline.tracking.sweeps import PARENT_TAG, SCORE
+from tests.conftest import env, needs
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def postgres_installed() -> bool:
+    try:
+        postgres_bin()
+    except PipelineError:
+        return False
+    return True
+
+
+class Server:
+    """`python -m pipeline.server ...` as a user starts it, stopped as Ctrl-C stops it."""
+
+    def __init__(self, workdir: Path, *overrides: str) -> None:
+        self.workdir, self.port = workdir, free_port()
+        self.overrides = (f"port={self.port}", "workers=1", *overrides)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"server-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.server", *self.overrides],
+                cwd=self.workdir,
+                env=env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 240
+        while f"export MLFLOW_TRACKING_URI={self.url}" not in self.log.read_text():
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no server after 240 s: " + self.log.read_text()
+            time.sleep(0.5)
+        return self
+
+    def stop(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=120)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def team_database(tmp_path_factory: pytest.TempPathFactory):
+    """A team's own PostgreSQL, as a URI with its password in it."""
+    needs(postgres_installed(), "PostgreSQL (Debian's postgresql: `make system-packages`)")
+    database = LocalPostgres(tmp_path_factory.mktemp("team-db"), free_port())
+    database.start()
+    password = database.passfile.read_text().strip().rsplit(":", 1)[1]
+    yield database.uri.replace("mlflow@", f"mlflow:{password}@"), password
+    database.stop()
+
+
+def train(tmp: Path, data_dir: Path, uri: str, *overrides: str, wait: bool = True):
+    """`python -m pipeline.train` from `tmp`, tracked at `uri` through the environment."""
+    command = [sys.executable, "-m", "pipeline.train", f"paths.data_dir={data_dir}", *overrides]
+    process = subprocess.Popen(
+        command,
+        cwd=tmp,
+        env={**env(), "MLFLOW_TRACKING_URI": uri},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if not wait:
+        return process
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def test_sweep_and_ddp_training_log_into_the_server_and_read_back_over_http(tmp_path, data_dir):
+    needs(postgres_installed(), "PostgreSQL (Debian's postgresql: `make system-packages`)")
+    server = Server(tmp_path / "server").start()  # the project's own PostgreSQL
+    quick = ("trainer.max_epochs=1", "evaluation.scales=[1.0]", "data.batch_size=64")
+    train(
+        tmp_path,
+        data_dir,
+        server.url,
+        *quick,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "model.head=fc,gap",
+        "optimizer.lr=0.01,0.001",
+        "-m",
+    )
+    # the DDP training's URI carries a password: it must never be written or shown
+    secret_uri = server.url.replace("http://", "http://alice:s3cret-pw@")
+    ddp_dir = tmp_path / "ddp"
+    output = train(
+        tmp_path,
+        data_dir,
+        secret_uri,
+        *quick,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"hydra.run.dir={ddp_dir}",
+    )
+    assert not (tmp_path / "mlruns").exists()  # everything went over HTTP
+
+    client = MlflowClient(server.url)
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep.dir")]
+    assert len(parents) == 1 and len(runs) == 6
+    children = [r for r in runs if r.data.tags.get(PARENT_TAG) == parents[0].info.run_id]
+    assert len(children) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    for run in children:
+        assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 1
+        assert SCORE in run.data.metrics
+    ddp = client.get_run(read_run(ddp_dir)["run_id"])
+    assert ddp.data.params["trainer.devices"] == "2"
+    assert "train/loss_epoch" in ddp.data.metrics and "test/acc" in ddp.data.metrics
+    downloaded = tmp_path / "downloaded"
+    for remote, local in [
+        ("evaluation/best.ckpt", ddp_dir / "checkpoints" / "best.ckpt"),
+        ("evaluation/confusion.png", ddp_dir / "eval" / "confusion.png"),
+    ]:
+        copy = client.download_artifacts(ddp.info.run_id, remote, str(downloaded))
+        assert sha256(Path(copy)) == sha256(local)
+
+    assert ddp.data.params["mlflow.tracking_uri"] == server.url.replace("//", "//alice:***@")
+    config = client.download_artifacts(ddp.info.run_id, "config.yaml", str(downloaded))
+    written = [Path(config), *(p for p in ddp_dir.rglob("*") if p.is_file())]
+    leaks = [str(p) for p in written if b"s3cret-pw" in p.read_bytes()]
+    assert not leaks and "s3cret-pw" not in output
+    assert all("s3cret-pw" not in value for value in ddp.data.tags.values())
+
+    server.stop()  # the project's PostgreSQL keeps its data across restarts
+    server.start()
+    again = MlflowClient(server.url).search_runs([parents[0].info.experiment_id])
+    assert {r.info.run_id for r in again} == {r.info.run_id for r in runs}
+    server.stop()
+
+
+def test_a_training_outlives_a_server_restart_and_keeps_every_epoch(
+    tmp_path, data_dir, team_database
+):
+    uri, password = team_database
+    server = Server(tmp_path / "server", f"backend_store_uri={uri}").start()
+    epochs = 12
+    run_dir = tmp_path / "run"
+    training = train(
+        tmp_path,
+        data_dir,
+        server.url,
+        f"trainer.max_epochs={epochs}",
+        "data.batch_size=32",
+        "optimizer=adam",
+        f"hydra.run.dir={run_dir}",
+        wait=False,
+    )
+    history = run_dir / "history.csv"
+    deadline = time.monotonic() + 300
+    while not (history.is_file() and history.read_text().count("\n") >= 3):  # 2 epochs done
+        assert training.poll() is None and time.monotonic() < deadline, training.stdout.read()
+        time.sleep(0.2)
+    run_id = read_run(run_dir)["run_id"]
+    before = len(MlflowClient(server.url).get_metric_history(run_id, "val/acc"))
+    server.stop()
+    time.sleep(10)
+    assert training.poll() is None, "the training ended while the server was down"
+    server.start()
+    output = training.communicate(timeout=900)[0]
+    assert training.returncode == 0, output[-4000:]
+
+    client = MlflowClient(server.url)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    epochs_logged = [m.step for m in client.get_metric_history(run_id, "val/acc")]
+    assert 1 <= before < epochs and len(set(epochs_logged)) == epochs
+    assert len(client.get_metric_history(run_id, "train/loss_epoch")) == epochs
+    server_output = server.log.read_text()
+    assert password not in server_output and password not in output
+    assert "postgresql+psycopg://mlflow@127.0.0.1" in server_output  # named without it
+    server.stop()
