@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -235,3 +236,46 @@ def val_curve(client: MlflowClient, run_id: str) -> dict[int, float]:
     """Global step -> val/acc; a step logged twice (before and after a kill): the later value."""
     history = sorted(client.get_metric_history(run_id, "val/acc"), key=lambda m: m.timestamp)
     return {m.step: m.value for m in history}
+
+
+def test_two_nodes_started_by_hand_train_one_model_as_one_run(tmp_path, data_dir):
+    with socket.socket() as probe:  # node 0's rendezvous port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [
+        subprocess.Popen(
+            cli(
+                tmp_path,
+                data_dir,
+                "trainer=ddp",
+                "trainer.accelerator=cpu",
+                "trainer.devices=1",
+                "trainer.num_nodes=2",
+                "trainer.max_epochs=2",
+                "data.batch_size=64",
+                f"hydra.run.dir={tmp_path / f'node{rank}'}",
+            ),
+            cwd=tmp_path,
+            env={
+                **env(),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "NODE_RANK": str(rank),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node, output in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, output[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_id == read_run(tmp_path / "node0")["run_id"]
+    assert run.data.params["trainer.num_nodes"] == "2"
+    assert not (tmp_path / "node1" / "run.json").exists()  # node 1's rank never talks to MLflow
+    # one process group over both nodes: 1,137 images, shards of 569, 9 batches of 64 an epoch
+    last = torch.load(tmp_path / "node0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 18
