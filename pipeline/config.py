@@ -13,7 +13,7 @@ select a builder (backbone, head, data source) are checked against the builders'
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -294,6 +294,12 @@ class TrainerConfig:
     @property
     def world_size(self) -> int:
         return self.devices * self.num_nodes
+
+    def lightning_args(self) -> dict[str, Any]:
+        """The keys that Lightning's Trainer takes, by the same names."""
+        args = asdict(self)
+        del args["early_stopping_patience"]  # a callback's setting
+        return args
 
 
 @dataclass

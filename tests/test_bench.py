@@ -26,4 +26,8 @@ def test_the_training_and_the_plain_loop_alternate_step_by_step(tmp_path):
 
     row = report({64: interleave}, "cpu", epochs=2).splitlines()[-1].replace(",", "")
     batch, pipeline, plain, ratio = row.split()
-    assert batch == "64" and float(ratio) == pytest.approx(float(pipeline) / float(plain), abs=2e-3)
+    # images/s are printed as whole numbers: their ratio is exact only to about 1 / plain
+    tolerance = 1 / float(plain) + 1e-3
+    assert batch == "64" and float(ratio) == pytest.approx(
+        float(pipeline) / float(plain), abs=tolerance
+    )

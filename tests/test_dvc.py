@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from pipeline.data.store import read_meta
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow  # every test here runs DVC stages
+# every test here runs DVC stages, in one repository copy
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc")]
 
 OFFLINE = ("--glob", "evaluate@digits-*")
 # two of the profile's runs (an fc and a gap head): every stage kind, half the processes
@@ -107,7 +108,7 @@ def test_pushed_results_pull_into_a_fresh_clone_with_nothing_to_rerun(repo_copy:
 
     clone = repo_copy.parent / "clone"
     sh("git", "clone", "-q", str(repo_copy), str(clone), cwd=repo_copy.parent)
-    sh("dvc", "pull", cwd=clone)
+    sh("dvc", "pull", "--with-deps", *(f"evaluate@{run}" for run in DIGITS_RUNS), cwd=clone)
     again = sh("dvc", "repro", *OFFLINE, cwd=clone)
     assert ran(again.stdout) == set()
     assert "Data and pipelines are up to date." in again.stdout

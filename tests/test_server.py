@@ -4,11 +4,14 @@ PostgreSQL, on 127.0.0.1; trainings, sweeps and DDP log into it over HTTP."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from pipeline.tracking.server import LocalPostgres, postgres_bin
 from pipeline.tracking.sweeps import PARENT_TAG, SCORE
 from tests.conftest import env, needs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("server")]
 
 
 def free_port() -> int:
@@ -38,7 +41,7 @@ def postgres_installed() -> bool:
 
 
 class Server:
-    """`python -m pipeline.server ...` as a user starts it, stopped as Ctrl-C stops it."""
+    """`python -m pipeline.server ...` as a user starts it, stopped as SIGTERM stops it."""
 
     def __init__(self, workdir: Path, *overrides: str) -> None:
         self.workdir, self.port = workdir, free_port()
@@ -65,20 +68,30 @@ class Server:
         return self
 
     def stop(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=120)
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=120)
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def team_database(tmp_path_factory: pytest.TempPathFactory):
-    """A team's own PostgreSQL, as a URI with its password in it."""
+@pytest.fixture
+def database_dir() -> Iterator[Path]:
+    """A directory PostgreSQL's own user can reach when the tests run as root (pytest's
+    temporary directories are private to their owner)."""
     needs(postgres_installed(), "PostgreSQL (Debian's postgresql: `make system-packages`)")
-    database = LocalPostgres(tmp_path_factory.mktemp("team-db"), free_port())
+    directory = Path(tempfile.mkdtemp(prefix="convnet-pipeline-db-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory)
+
+
+@pytest.fixture
+def team_database(database_dir: Path) -> Iterator[tuple[str, str]]:
+    """A team's own PostgreSQL: (URI with its password in it, the password)."""
+    database = LocalPostgres(database_dir, free_port())
     database.start()
     password = database.passfile.read_text().strip().rsplit(":", 1)[1]
     yield database.uri.replace("mlflow@", f"mlflow:{password}@"), password
@@ -103,9 +116,22 @@ def train(tmp: Path, data_dir: Path, uri: str, *overrides: str, wait: bool = Tru
     return output
 
 
-def test_sweep_and_ddp_training_log_into_the_server_and_read_back_over_http(tmp_path, data_dir):
-    needs(postgres_installed(), "PostgreSQL (Debian's postgresql: `make system-packages`)")
-    server = Server(tmp_path / "server").start()  # the project's own PostgreSQL
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    """Servers a test starts: stopped when it ends, however it ends."""
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+def test_sweep_and_ddp_training_log_into_the_server_and_read_back_over_http(
+    tmp_path, data_dir, database_dir, servers
+):
+    # the project's own PostgreSQL, in a data_dir as `.server/` would be
+    overrides = (f"data_dir={database_dir}", f"database_port={free_port()}")
+    server = Server(tmp_path / "server", *overrides)
+    servers.append(server.start())
     quick = ("trainer.max_epochs=1", "evaluation.scales=[1.0]", "data.batch_size=64")
     train(
         tmp_path,
@@ -169,10 +195,11 @@ def test_sweep_and_ddp_training_log_into_the_server_and_read_back_over_http(tmp_
 
 
 def test_a_training_outlives_a_server_restart_and_keeps_every_epoch(
-    tmp_path, data_dir, team_database
+    tmp_path, data_dir, team_database, servers
 ):
     uri, password = team_database
-    server = Server(tmp_path / "server", f"backend_store_uri={uri}").start()
+    server = Server(tmp_path / "server", f"backend_store_uri={uri}")
+    servers.append(server.start())
     epochs = 12
     run_dir = tmp_path / "run"
     training = train(

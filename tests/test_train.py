@@ -123,6 +123,7 @@ GRID = [
 def test_every_backbone_and_head_trains(backbone: str, head: str, tmp_path, data_dir):
     extra = ["model.output=linear"] if backbone == "lenet5_classic" else []
     extra += ["model.width=0.125"] if backbone == "alexnet" else []
+    extra += ["train.evaluate=false", "mlflow.log_checkpoint=false"]  # the training alone
     metrics, output_dir, uri = run_training(
         tmp_path, data_dir, f"model={backbone}", f"model.head={head}", *FAST, *extra
     )

@@ -28,7 +28,7 @@ from pipeline.evaluation.figures import (
     misclassified_figure,
     resolution_figure,
 )
-from pipeline.tracking.runs import RUN_FILE, read_run
+from pipeline.tracking.runs import RUN_FILE, read_run, tracking_client
 from pipeline.training.module import Classifier
 
 log = logging.getLogger(__name__)
@@ -135,10 +135,8 @@ def write_reports(
 
 def log_to_run(run_dir: Path, files: list[Path], evaluation: Evaluation) -> None:
     """Attach the reports and resolution metrics to the training's MLflow run."""
-    from mlflow.tracking import MlflowClient
-
     run = read_run(run_dir)
-    client = MlflowClient(run["tracking_uri"])
+    client = tracking_client(run["tracking_uri"])
     for path in files:
         client.log_artifact(run["run_id"], str(path), "evaluation")
     for row in evaluation.resolution:

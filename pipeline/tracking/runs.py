@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import lightning as L
 import mlflow
@@ -71,6 +72,22 @@ def read_run(output_dir: Path) -> dict[str, str]:
     return run
 
 
+def tracking_client(tracking_uri: str) -> MlflowClient:
+    """A client of the store at `tracking_uri`. A user and password in the URI become MLflow's
+    own MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (here and in child processes),
+    so no URL that MLflow prints or stores carries them."""
+    return MlflowClient(credentials_to_environment(tracking_uri))
+
+
+def credentials_to_environment(tracking_uri: str) -> str:
+    parts = urlsplit(tracking_uri)
+    if parts.password is None:
+        return tracking_uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def open_store(tracking_uri: str) -> MlflowClient:
     """A client of the tracking store, which it creates if new. Processes that start together
     take turns at a sqlite file: two creating its tables at once leave a broken schema."""
@@ -78,7 +95,7 @@ def open_store(tracking_uri: str) -> MlflowClient:
     if database:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{database}.lock") if database else contextlib.nullcontext():
-        client = MlflowClient(tracking_uri)
+        client = tracking_client(tracking_uri)
         client.search_experiments(max_results=1)
     return client
 
@@ -90,7 +107,7 @@ def run_logger(
     return MLFlowLogger(
         experiment_name=experiment,
         run_name=name,
-        tracking_uri=tracking_uri,
+        tracking_uri=credentials_to_environment(tracking_uri),
         run_id=run_id,
         tags=dict(tags),
         synchronous=False,

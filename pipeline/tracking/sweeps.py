@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from pipeline.tracking.runs import RUN_FILE, open_store, read_run
+from pipeline.tracking.runs import RUN_FILE, open_store, read_run, tracking_client
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class SweepTracking(Callback):
         except Exception as err:  # the trial's own exception, re-raised by Hydra's JobReturn
             score, error = None, str(err)
         if not completed and run is not None:
-            client = MlflowClient(run["tracking_uri"])
+            client = tracking_client(run["tracking_uri"])
             if client.get_run(run["run_id"]).info.status != "FAILED":
                 retry(lambda: client.set_terminated(run["run_id"], "FAILED"), "ending a run")
         trial = {
@@ -186,7 +186,7 @@ class SweepTracking(Callback):
             return
         self.closed = True
         parent = json.loads(self.sweep_file.read_text())
-        client = MlflowClient(parent["tracking_uri"])
+        client = tracking_client(parent["tracking_uri"])
         parent_id = parent["run_id"]
         # trials that sweep mlflow.experiment (or the dataset) log to other experiments
         experiments = [e.experiment_id for e in client.search_experiments()]

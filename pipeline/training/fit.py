@@ -58,31 +58,14 @@ def train(
     logger = run_logger(
         cfg.mlflow.experiment, name, cfg.mlflow.tracking_uri, run_id, run_tags or {}
     )
-    recorder = RunRecorder(
-        asdict(cfg),
-        describe(module.network),
-        tags={
-            "git_commit": git_commit(Path.cwd()),
-            "data_sha256": datamodule.meta["sha256"],
-            "output_dir": str(output_dir.resolve()),
-            "model": module.network.name,
-        },
-        output_dir=output_dir,
-        resumed=checkpoint is not None,
+    best, divergence, callbacks = build_callbacks(
+        cfg, module, datamodule.meta, output_dir, resumed=checkpoint is not None
     )
-    best = ModelCheckpoint(
-        output_dir / "checkpoints", "best", "val/acc", mode="max", enable_version_counter=False
-    )
-    # Lightning's save_last only writes when `best` does; resuming needs every epoch's state.
-    last = ModelCheckpoint(output_dir / "checkpoints", "last", enable_version_counter=False)
-    divergence = StopOnDivergence()
-    callbacks = [best, last, divergence, recorder, EpochHistory(output_dir / "history.csv")]
-    callbacks += [LearningRateMonitor("epoch"), ProgressBar(), *extra_callbacks]
-    lightning_args = asdict(cfg.trainer)
-    if patience := lightning_args.pop("early_stopping_patience"):
-        callbacks.append(EarlyStopping("val/acc", mode="max", patience=patience))
     trainer = L.Trainer(
-        **lightning_args, logger=logger, callbacks=callbacks, default_root_dir=output_dir
+        **cfg.trainer.lightning_args(),
+        logger=logger,
+        callbacks=[*callbacks, *extra_callbacks],
+        default_root_dir=output_dir,
     )
 
     trainer.fit(module, datamodule, ckpt_path=checkpoint)
@@ -92,17 +75,63 @@ def train(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["val/acc_best"] = float(best.best_model_score or 0.0)
     if trainer.is_global_zero:
-        # synchronous: the run has ended (its queue drained), and a sweep reads this at once
-        client, run_id = logger.experiment, logger.run_id
-        client.log_metric(run_id, "val/acc_best", metrics["val/acc_best"], synchronous=True)
-        if cfg.mlflow.log_checkpoint:
-            client.log_artifact(run_id, best.best_model_path, "evaluation")
-        if cfg.train.evaluate:  # `module` holds the best weights: trainer.test loaded them
-            test = datamodule.splits["test"]
-            evaluation = evaluate_run(module, test, cfg.evaluation, output_dir / "eval", output_dir)
-            metrics |= {f"test/acc_at_{r['size']}px": r["accuracy"] for r in evaluation.resolution}
-        log.info("output: %s  mlflow run: %s", output_dir, run_id)
+        metrics |= record(
+            cfg, logger, module, datamodule, best, output_dir, metrics["val/acc_best"]
+        )
     return metrics
+
+
+def build_callbacks(
+    cfg: TrainJob, module: Classifier, meta: dict, output_dir: Path, resumed: bool
+) -> tuple[ModelCheckpoint, StopOnDivergence, list[L.Callback]]:
+    """(best checkpoint, divergence stop, every callback of the training)."""
+    best = ModelCheckpoint(
+        output_dir / "checkpoints", "best", "val/acc", mode="max", enable_version_counter=False
+    )
+    # Lightning's save_last only writes when `best` does; resuming needs every epoch's state.
+    last = ModelCheckpoint(output_dir / "checkpoints", "last", enable_version_counter=False)
+    divergence = StopOnDivergence()
+    recorder = RunRecorder(
+        asdict(cfg),
+        describe(module.network),
+        tags={
+            "git_commit": git_commit(Path.cwd()),
+            "data_sha256": meta["sha256"],
+            "output_dir": str(output_dir.resolve()),
+            "model": module.network.name,
+        },
+        output_dir=output_dir,
+        resumed=resumed,
+    )
+    callbacks = [best, last, divergence, recorder, EpochHistory(output_dir / "history.csv")]
+    callbacks += [LearningRateMonitor("epoch"), ProgressBar()]
+    if patience := cfg.trainer.early_stopping_patience:
+        callbacks.append(EarlyStopping("val/acc", mode="max", patience=patience))
+    return best, divergence, callbacks
+
+
+def record(
+    cfg: TrainJob,
+    logger: MLFlowLogger,
+    module: Classifier,
+    datamodule: TensorDataModule,
+    best: ModelCheckpoint,
+    output_dir: Path,
+    best_score: float,
+) -> dict[str, float]:
+    """Rank 0, after testing: the best score and checkpoint to the run, then the evaluation
+    (`module` holds the best weights: trainer.test loaded them); returns its metrics."""
+    # synchronous: the run has ended (its queue drained), and a sweep reads this at once
+    client, run_id = logger.experiment, logger.run_id
+    client.log_metric(run_id, "val/acc_best", best_score, synchronous=True)
+    if cfg.mlflow.log_checkpoint:
+        client.log_artifact(run_id, best.best_model_path, "evaluation")
+    log.info("output: %s  mlflow run: %s", output_dir, run_id)
+    if not cfg.train.evaluate:
+        return {}
+    test = datamodule.splits["test"]
+    evaluation = evaluate_run(module, test, cfg.evaluation, output_dir / "eval", output_dir)
+    return {f"test/acc_at_{r['size']}px": r["accuracy"] for r in evaluation.resolution}
 
 
 def open_data(cfg: TrainJob) -> TensorDataModule:
