@@ -130,7 +130,9 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO)}
+    """A CLI subprocess's environment: this checkout first on the path, then the caller's."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
 
 
 MNIST = (1, 28, 28)
