@@ -6,6 +6,7 @@ own directory and MLflow run as if nothing had happened."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -94,22 +95,22 @@ def wait_for_state(cluster: SlurmCluster, job: str, state: str) -> str:
     return job_state(cluster, job)
 
 
+# DDP over both nodes, a rank on each; node1 and node2 are the names SLURM knows this machine
+# by, not host names, so rank 0's address is given
+TWO_NODES = (
+    'hydra.launcher.setup=["export MASTER_ADDR=127.0.0.1"]',
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "trainer.num_nodes=2",
+    "trainer.devices=1",
+)
+
+
 def test_sweep_of_two_node_ddp_trials_gives_each_trial_one_dir_and_one_run(
     slurm, tmp_path, data_dir
 ):
     sweep = start_sweep(
-        slurm,
-        tmp_path,
-        data_dir,
-        # node1 and node2 are the names SLURM knows this machine by, not host names
-        'hydra.launcher.setup=["export MASTER_ADDR=127.0.0.1"]',
-        *QUICK,
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.num_nodes=2",
-        "trainer.devices=1",
-        "data.batch_size=64",
-        "model.head=fc,gap",
+        slurm, tmp_path, data_dir, *TWO_NODES, *QUICK, "data.batch_size=64", "model.head=fc,gap"
     )
     finish(sweep, slurm, tmp_path)
 
@@ -131,8 +132,9 @@ def test_sweep_of_two_node_ddp_trials_gives_each_trial_one_dir_and_one_run(
         log = (trial / "train.log").read_text()  # both tasks log into their trial's log
         assert "rank 0 of 2 on node node1" in log and "rank 1 of 2 on node node2" in log
     assert {r.data.tags["slurm.nodes"] for r in children} == {"node[1-2]"}
-    # each trial a task of the sweep's job array, its submitit folder named after it
-    jobs = {p.name for p in (sweep_dir / ".submitit").iterdir() if "_" in p.name}
+    # each trial a task of the sweep's job array (ARRAYID_TASK), named so in submitit's folders
+    folders = (sweep_dir / ".submitit").iterdir()
+    jobs = {p.name for p in folders if re.fullmatch(r"\d+_\d+", p.name)}
     assert {r.data.tags["slurm.job_id"] for r in children} == jobs and len(jobs) == 2
     # a task's process ends a few seconds after the result the sweep waits for
     assert [wait_for_state(slurm, job, "COMPLETED") for job in jobs] == ["COMPLETED"] * 2
@@ -141,10 +143,30 @@ def test_sweep_of_two_node_ddp_trials_gives_each_trial_one_dir_and_one_run(
     assert_parent_records_the_best(client, parent, children)
 
 
+@pytest.fixture(scope="module")
+def straight_ddp_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, str]:
+    """(output dir, tracking URI) of the shared run's settings as an uninterrupted 2-rank DDP
+    training on this machine (torch's elastic launcher, no SLURM)."""
+    tmp = tmp_path_factory.mktemp("straight_ddp")
+    ddp = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+    command = cli(tmp, data_dir, *SHARED_RUN, *ddp, f"hydra.run.dir={tmp / 'run'}")
+    result = subprocess.run(command, cwd=tmp, env=env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp / "run", f"sqlite:///{tmp / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "uninterrupted", "steps_per_epoch"),
+    [
+        # 1,137 training images in batches of 64: 18 steps an epoch, 9 over two ranks
+        pytest.param((), "shared_run", 18, id="one-task"),
+        pytest.param(TWO_NODES, "straight_ddp_run", 9, id="rank-on-each-node"),
+    ],
+)
 def test_requeued_trial_resumes_in_its_dir_and_run_and_matches_an_uninterrupted_training(
-    slurm, shared_run, tmp_path, data_dir
+    overrides, uninterrupted, steps_per_epoch, request, slurm, tmp_path, data_dir
 ):
-    sweep = start_sweep(slurm, tmp_path, data_dir, *SHARED_RUN)  # the shared run's settings
+    sweep = start_sweep(slurm, tmp_path, data_dir, *SHARED_RUN, *overrides)
     trial = tmp_path / "sweep" / "0"
     last = trial / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + WAIT_S
@@ -165,13 +187,14 @@ def test_requeued_trial_resumes_in_its_dir_and_run_and_matches_an_uninterrupted_
     assert "Restarts=1" in slurm.run("scontrol", "show", "job", job)
     assert "SLURM restarted this job" in (trial / "train.log").read_text()
     assert read_run(trial)["run_id"] == run_id
-    assert torch.load(last, weights_only=True)["global_step"] == 5 * 18
+    assert torch.load(last, weights_only=True)["global_step"] == 5 * steps_per_epoch
     client, _, children = sweep_runs(tmp_path)
     assert [(r.info.run_id, r.info.status) for r in children] == [(run_id, "FINISHED")]
     assert [t["status"] for t in trials(tmp_path / "sweep")] == ["COMPLETED"]
 
-    _, straight_dir, straight_uri = shared_run
+    straight_dir, straight_uri = request.getfixturevalue(uninterrupted)[-2:]
     resumed_curve = val_curve(client, run_id)
-    assert sorted(resumed_curve) == [18 * epoch - 1 for epoch in range(1, 6)]  # every epoch
+    every_epoch = [steps_per_epoch * epoch - 1 for epoch in range(1, 6)]
+    assert sorted(resumed_curve) == every_epoch
     straight = val_curve(MlflowClient(straight_uri), read_run(straight_dir)["run_id"])
     assert resumed_curve == straight
