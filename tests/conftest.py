@@ -138,7 +138,9 @@ def needs(available: bool, what: str) -> None:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO)}
+    """A CLI subprocess's environment: this checkout first on the path, then the caller's."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
 
 
 MNIST = (1, 28, 28)

@@ -88,3 +88,14 @@ def test_sweeps_and_runs_started_in_the_same_second_get_their_own_dirs():
     assert first[0][:-7] == second[0][:-7]  # multirun/DATE/HH-MM-SS, then -microseconds
     assert first[0] != second[0] and first[1] != second[1]
     assert first[0].startswith("multirun/") and first[1].startswith("outputs/")
+
+
+def test_slurm_launcher_sizes_each_trial_job_from_the_trainer():
+    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        launcher = compose("config", overrides, return_hydra_config=True).hydra.launcher
+    assert launcher._target_.endswith(".SlurmLauncher")
+    # one task per device on each node: SLURM starts the DDP ranks
+    assert (launcher.nodes, launcher.tasks_per_node) == (2, 4)
+    assert launcher.additional_parameters.requeue and launcher.max_num_timeout > 0
+    assert [line.split("=")[0] for line in launcher.setup] == ["export MASTER_ADDR"]

@@ -141,7 +141,10 @@ class RunRecorder(L.Callback):
         client, run_id = logger.experiment, logger.run_id
         run = {"run_id": run_id, "tracking_uri": self.config["mlflow"]["tracking_uri"]}
         (self.output_dir / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
-        if self.resumed:  # params are immutable in MLflow and already there
+        if self.resumed:
+            # running again: an interrupted start may have ended it (Lightning ends a run as
+            # FAILED when SLURM stops the job with SIGTERM); its params are already there
+            client.update_run(run_id, status="RUNNING")
             return
         logger.log_hyperparams(dict(flatten(self.config)))
         for key, value in self.tags.items():

@@ -7,7 +7,8 @@ once in several processes never race to create them) and leaves its id in
 file (`trial_tags`) and tags its own run as a child. When the sweep ends the parent records the
 best trial (the settings the sweep chose as `best.*` params, its `val/acc_best`), attaches
 `trials.jsonl` (every trial: status, score or error, run id, overrides) and closes; a sweep that
-stops on a failure closes its parent as FAILED.
+stops on a failure closes its parent as FAILED. A trial whose ranks are SLURM tasks
+(`hydra/launcher=slurm`) runs the whole Hydra job in each: only rank 0 records it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -54,6 +56,11 @@ def retry(action: Callable[[], T], what: str, attempts: int = 6) -> T:
             log.warning("%s failed (%s); retrying in %.1f s", what, err, pause)
             time.sleep(pause)
     raise AssertionError("unreachable")
+
+
+def global_rank() -> int:
+    """This process's rank in its training: torchrun's RANK, SLURM's task number, else 0."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def in_multirun() -> bool:
@@ -153,9 +160,10 @@ class SweepTracking(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """Runs where the trial ran: ends its MLflow run as FAILED if the trial failed after
-        the run started (diverged, crashed), and appends the trial to `trials.jsonl`."""
+        the run started (diverged, crashed), and appends the trial to `trials.jsonl`. A trial
+        of several SLURM tasks runs the job, this included, in each: only rank 0 records it."""
         hydra = config.hydra
-        if hydra.mode != RunMode.MULTIRUN:
+        if hydra.mode != RunMode.MULTIRUN or global_rank() != 0:
             return
         output_dir = Path(hydra.runtime.output_dir)
         run = read_run(output_dir) if (output_dir / RUN_FILE).is_file() else None

@@ -1,12 +1,15 @@
 """One training, start to end: data, module, callbacks and logger, fit, test, record.
 
 `train` runs in every process of a training: the only one, or each DDP rank (see
-`pipeline.training.launch`). Only rank 0 talks to MLflow and evaluates.
+`pipeline.training.launch`). Only rank 0 talks to MLflow and evaluates. A training continues
+an interrupted one (its last checkpoint, its MLflow run) when asked to (`train.resume`) and
+when SLURM restarted its job (`continued_from`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +38,8 @@ from pipeline.training.module import Classifier
 
 log = logging.getLogger(__name__)
 
+LAST_CHECKPOINT = Path("checkpoints", "last.ckpt")  # in the output directory: where to resume
+
 
 def train(
     cfg: TrainJob,
@@ -53,13 +58,13 @@ def train(
     output_dir.mkdir(parents=True, exist_ok=True)
     datamodule = open_data(cfg)
     module = Classifier.from_config(cfg, datamodule.meta)
-    checkpoint, run_id = resume_point(output_dir) if cfg.train.resume else (None, None)
+    checkpoint, run_id = continued_from(cfg, output_dir)
     name = run_name(cfg.model.backbone, cfg.model.head, cfg.dataset.name)
     logger = run_logger(
         cfg.mlflow.experiment, name, cfg.mlflow.tracking_uri, run_id, run_tags or {}
     )
     best, divergence, callbacks = build_callbacks(
-        cfg, module, datamodule.meta, output_dir, resumed=checkpoint is not None
+        cfg, module, datamodule.meta, output_dir, resumed=run_id is not None
     )
     trainer = L.Trainer(
         **cfg.trainer.lightning_args(),
@@ -158,9 +163,26 @@ def check_data_matches(meta: dict, dataset: DatasetConfig) -> None:
         )
 
 
+def continued_from(cfg: TrainJob, output_dir: Path) -> tuple[Path | None, str | None]:
+    """(checkpoint, MLflow run id) that this training continues; (None, None) for a new one.
+
+    With `train.resume`: the interrupted training's in `output_dir`. In a SLURM job that SLURM
+    restarted (preempted, `scontrol requeue`, or requeued at its time limit), which reruns the
+    same command in the same directory: what the earlier start left there, its run and its
+    last checkpoint, if it got as far as saving one."""
+    if cfg.train.resume:
+        return resume_point(output_dir)
+    restarted = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
+    if not restarted or not (output_dir / RUN_FILE).is_file():
+        return None, None
+    checkpoint = output_dir / LAST_CHECKPOINT
+    log.info("SLURM restarted this job: continuing the training in %s", output_dir)
+    return (checkpoint if checkpoint.is_file() else None), read_run(output_dir)["run_id"]
+
+
 def resume_point(output_dir: Path) -> tuple[Path, str]:
     """(last checkpoint, MLflow run id) of an interrupted training in `output_dir`."""
-    checkpoint = output_dir / "checkpoints" / "last.ckpt"
+    checkpoint = output_dir / LAST_CHECKPOINT
     if not checkpoint.is_file() or not (output_dir / RUN_FILE).is_file():
         raise PipelineError(
             f"train.resume={output_dir}: no checkpoints/last.ckpt and {RUN_FILE} there; "

@@ -5,20 +5,23 @@ MLflow run however many ranks it has; in a sweep too, where the ranks are childr
 trial's process, which never joins a process group itself and so leaves the next trial a
 clean process. Lightning sees a torchelastic environment and launches nothing itself. Each
 rank's output is also kept in OUTPUT_DIR/logs. A process that a launcher already started as
-a rank (torchrun) trains in place.
+a rank (torchrun, or SLURM: one task per device, as `hydra/launcher=slurm` asks for) trains in
+place; Lightning takes its rank from that launcher.
 
 Several machines: the same command on each, with MASTER_ADDR and MASTER_PORT (node 0's
-address and a free port there) and NODE_RANK set, as torchrun's static rendezvous takes them.
+address and a free port there) and NODE_RANK set, as torchrun's static rendezvous takes them;
+or a SLURM job of trainer.num_nodes nodes with trainer.devices tasks on each.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from lightning.fabric.plugins.environments import TorchElasticEnvironment
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -28,6 +31,8 @@ from pipeline.errors import PipelineError
 from pipeline.tracking.runs import open_store
 from pipeline.training.fit import open_data, train
 
+log = logging.getLogger(__name__)
+
 NODE_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
 
 
@@ -35,6 +40,8 @@ def run_training(cfg: TrainJob, output_dir: Path, run_tags: Mapping[str, str]) -
     """Train here, or as `trainer.devices` DDP ranks on this node; returns rank 0's metrics
     (on nodes other than node 0: their first rank's)."""
     trainer = cfg.trainer
+    if SLURMEnvironment.detect():
+        return train_as_slurm_task(cfg, output_dir, run_tags)
     if trainer.strategy != "ddp" or trainer.world_size == 1 or TorchElasticEnvironment.detect():
         return train(cfg, output_dir, run_tags)
     launch = LaunchConfig(
@@ -59,6 +66,32 @@ def run_training(cfg: TrainJob, output_dir: Path, run_tags: Mapping[str, str]) -
             message = message.get("message", message)
         raise PipelineError(f"DDP rank {rank} failed: {message}") from err
     return results[min(results)]
+
+
+def train_as_slurm_task(
+    cfg: TrainJob, output_dir: Path, run_tags: Mapping[str, str]
+) -> dict[str, float]:
+    """Train as the SLURM task this process is: SLURM starts one per rank, on every node.
+
+    The run is tagged with the job and its nodes, and each task says in the log (the trial's,
+    which its tasks share) which rank it is and where it runs. The tasks start together, so
+    they open the tracking store in turns."""
+    job = slurm_job_id()
+    nodes = os.environ["SLURM_JOB_NODELIST"]
+    rank, tasks = os.environ.get("SLURM_PROCID", "0"), os.environ["SLURM_NTASKS"]
+    log.info(
+        "SLURM job %s: rank %s of %s on node %s", job, rank, tasks, os.environ["SLURMD_NODENAME"]
+    )
+    open_store(cfg.mlflow.tracking_uri)
+    return train(cfg, output_dir, {**run_tags, "slurm.job_id": job, "slurm.nodes": nodes})
+
+
+def slurm_job_id() -> str:
+    """The job's id as squeue shows it and scontrol takes it: ARRAYID_TASK for a sweep's
+    trial (a task of the sweep's job array)."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ["SLURM_JOB_ID"]
 
 
 def rendezvous(num_nodes: int) -> dict[str, object]:
