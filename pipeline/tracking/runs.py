@@ -1,10 +1,10 @@
 """MLflow: the run of a training, its params, tags and artifacts, all from rank 0.
 
-Lightning's MLFlowLogger owns the run (it creates it lazily, on rank 0 only) and logs metrics
-through MLflow's asynchronous logging, so a step never waits for the store. `RunRecorder` adds
-what a person looks for in the UI (the resolved config as params and as YAML, the git commit
-and the data checksum as tags, the architecture summary), drains the logging queue before each
-checkpoint, and leaves `run.json` in the output directory, so that `evaluate` and a resumed
+Lightning's MLFlowLogger owns the run (it creates it lazily, on rank 0 only) and writes each
+metric as it is logged (every `log_every_n_steps` steps and once an epoch), so a checkpoint never
+holds state the store lacks. `RunRecorder` adds what a person looks for in the UI (the resolved
+config as params and as YAML, the git commit and the data checksum as tags, the architecture
+summary), and leaves `run.json` in the output directory, so that `evaluate` and a resumed
 training find the same run.
 """
 
@@ -24,7 +24,6 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import lightning as L
-import mlflow
 import yaml
 from filelock import FileLock
 from lightning.pytorch.loggers import MLFlowLogger
@@ -110,14 +109,11 @@ def run_logger(
         tracking_uri=credentials_to_environment(tracking_uri),
         run_id=run_id,
         tags=dict(tags),
-        synchronous=False,
     )
 
 
 class RunRecorder(L.Callback):
-    """Logs params, tags and config/summary artifacts once, when fitting starts on rank 0, and
-    has every metric logged so far written before each checkpoint, so that a resumed run
-    holds each metric up to its checkpoint."""
+    """Logs params, tags and config/summary artifacts once, when fitting starts on rank 0."""
 
     def __init__(
         self,
@@ -151,10 +147,6 @@ class RunRecorder(L.Callback):
             client.set_tag(run_id, key, value)
         client.log_text(run_id, yaml.safe_dump(self.config, sort_keys=False), "config.yaml")
         client.log_text(run_id, self.summary, "summary.txt")
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, _: Any) -> None:
-        if trainer.is_global_zero:
-            mlflow.flush_async_logging()
 
 
 class EpochHistory(L.Callback):

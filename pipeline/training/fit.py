@@ -126,9 +126,8 @@ def record(
 ) -> dict[str, float]:
     """Rank 0, after testing: the best score and checkpoint to the run, then the evaluation
     (`module` holds the best weights: trainer.test loaded them); returns its metrics."""
-    # synchronous: the run has ended (its queue drained), and a sweep reads this at once
     client, run_id = logger.experiment, logger.run_id
-    client.log_metric(run_id, "val/acc_best", best_score, synchronous=True)
+    client.log_metric(run_id, "val/acc_best", best_score)
     if cfg.mlflow.log_checkpoint:
         client.log_artifact(run_id, best.best_model_path, "evaluation")
     log.info("output: %s  mlflow run: %s", output_dir, run_id)
