@@ -7,7 +7,8 @@ VENV := .venv
 UV := .tools/bin/uv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install system-packages test test-fast demo lint format bench ui server clean
+.PHONY: install system-packages test test-fast demo lint format bench gpu-wheels gpu-check ui \
+	server clean
 
 install: $(VENV)/.installed
 
@@ -67,6 +68,19 @@ format: install
 
 bench: install
 	python -m benchmarks.bench
+
+# The GPU path on a bare, offline GPU machine with its own torch (benchmarks/gpu_check.py):
+# `make gpu-wheels` here saves what such a machine lacks into .whl/ (benchmarks/gpu_wheels.py);
+# `make gpu-check` there installs those beside its torch, no virtual environment, and runs.
+GPU_PYTHON ?= python3
+GPU_SITE := /tmp/convnet-pipeline-gpu-site
+gpu-wheels: | $(UV)
+	.tools/bin/python -m benchmarks.gpu_wheels
+
+gpu-check:
+	@if ls .whl/*.whl >/dev/null 2>&1; then $(GPU_PYTHON) -m pip install --quiet --no-index \
+		--no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.gpu_check $(ARGS)
 
 ui: install
 	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db

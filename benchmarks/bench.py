@@ -1,11 +1,12 @@
-"""Benchmark: `make bench` (python -m benchmarks.bench [--device cuda]).
+"""Benchmark: `make bench` (python -m benchmarks.bench [--device cuda] [--model alexnet]).
 
 Measures what the pipeline's speed rests on, with the pipeline's own code, side by side with
 the plainest PyTorch equivalent in the same process:
 - loading a preprocessed split of MNIST's size (70,000 x 1 x 28 x 28 uint8) into memory;
-- training LeNet-5 on MNIST-shaped data: `pipeline.training.fit.train` itself (its Trainer,
-  callbacks, progress bar and MLflow run, in a temporary sqlite store) against a
-  hand-written loop over the same network, data, batch size, optimizer and threads.
+- training LeNet-5 on MNIST-shaped data (or AlexNet on CIFAR-shaped data, as the DVC grid
+  trains it): `pipeline.training.fit.train` itself (its Trainer, callbacks, progress bar and
+  MLflow run, in a temporary sqlite store) against a hand-written loop over the same network,
+  data, batch size, optimizer and threads.
 
 The two trainings alternate step by step in one process (a plain step runs at the end of
 each of the pipeline's steps), so the jitter of a shared machine hits both alike; the
@@ -36,12 +37,17 @@ from pipeline.models import build_model
 from pipeline.training.fit import train
 from pipeline.training.optim import build_optimizer
 
+# the trainings it times: model and dataset overrides, as params.yaml's grid trains them
+MODELS = {
+    "lenet5": ["model=lenet5", "dataset=mnist"],
+    "alexnet": ["model=alexnet", "model.width=0.5", "dataset=cifar10"],
+}
 MNIST_SHAPE = (1, 28, 28)
 
 
-def fake_split(count: int, seed: int = 0) -> Split:
+def fake_split(count: int, seed: int = 0, shape: tuple[int, ...] = MNIST_SHAPE) -> Split:
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (count, *MNIST_SHAPE), dtype=torch.uint8, generator=generator)
+    images = torch.randint(0, 256, (count, *shape), dtype=torch.uint8, generator=generator)
     return Split(images, torch.randint(0, 10, (count,), generator=generator), torch.arange(count))
 
 
@@ -58,11 +64,12 @@ def bench_load(directory: Path, repeats: int = 5) -> list[float]:
     return times
 
 
-def training_config(batch_size: int, directory: Path, epochs: int, device: str) -> TrainJob:
-    """The MNIST LeNet-5 training, `epochs` epochs after a warm-up one, all files in `directory`."""
+def training_config(
+    model: str, batch_size: int, directory: Path, epochs: int, device: str
+) -> TrainJob:
+    """The training of `model`, `epochs` epochs after a warm-up one, all files in `directory`."""
     overrides = [
-        "model=lenet5",
-        "dataset=mnist",
+        *MODELS[model],
         "dataset.val_size=1000",
         f"data.batch_size={batch_size}",
         f"paths.data_dir={directory}",
@@ -76,13 +83,14 @@ def training_config(batch_size: int, directory: Path, epochs: int, device: str) 
 
 
 def write_dataset(cfg: TrainJob, train_images: int) -> None:
-    """MNIST-shaped random data where the config's training reads it."""
+    """Random data of the dataset's shape where the config's training reads it."""
     directory = cfg.paths.processed_dir(cfg.dataset.name)
     directory.mkdir(parents=True, exist_ok=True)
+    shape = cfg.dataset.shape
     splits = {
-        "train": fake_split(train_images),
-        "val": fake_split(cfg.dataset.val_size, 1),
-        "test": fake_split(1000, 2),
+        "train": fake_split(train_images, 0, shape),
+        "val": fake_split(cfg.dataset.val_size, 1, shape),
+        "test": fake_split(1000, 2, shape),
     }
     for name, split in splits.items():
         save_split(directory, name, split)
@@ -99,7 +107,10 @@ class PlainLoop:
         self.network = build_model(cfg.model, cfg.dataset).to(device)
         self.optimizer = build_optimizer(self.network.parameters(), cfg.optimizer)
         meta = read_meta(directory)
-        self.mean, self.std = meta["train_mean"][0] * 255, meta["train_std"][0] * 255
+        self.mean, self.std = (
+            torch.tensor(meta[key], device=device).view(1, -1, 1, 1) * 255
+            for key in ("train_mean", "train_std")
+        )
         epochs = (Batches(split, cfg.data.batch_size, shuffle=True) for _ in itertools.count())
         self.batches = itertools.chain.from_iterable(epochs)
 
@@ -158,6 +169,7 @@ def main() -> None:
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["lenet5"])
     parser.add_argument("--images", type=int, default=20_000, help="training images per epoch")
     parser.add_argument("--epochs", type=int, default=4, help="timed epochs (plus a warm-up)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256, 512])
@@ -166,22 +178,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         times = bench_load(directory)
-        timed: dict[int, Interleave] = {}
-        for batch_size in args.batch_sizes:
-            cfg = training_config(batch_size, directory, args.epochs, args.device)
-            write_dataset(cfg, args.images)
-            timed[batch_size] = bench_training(cfg, directory / f"batch-{batch_size}")
+        tables = [
+            training_table(
+                model, args.device, args.images, args.epochs, args.batch_sizes, directory
+            )
+            for model in args.models
+        ]
     print(  # after the trainings' own output
         f"\nload 70,000 x 1 x 28 x 28 uint8 split: median {statistics.median(times) * 1e3:.1f} ms "
         f"(first {times[0] * 1e3:.1f} ms, best {min(times) * 1e3:.1f} ms)"
     )
-    print(report(timed, args.device, args.epochs))
+    print("\n\n".join(tables))
 
 
-def report(timed: dict[int, Interleave], device: str, epochs: int) -> str:
+def training_table(
+    model: str, device: str, images: int, epochs: int, batch_sizes: list[int], directory: Path
+) -> str:
+    """Times `model`'s training at each batch size; returns the table of `report`."""
+    timed: dict[int, Interleave] = {}
+    for batch_size in batch_sizes:
+        cfg = training_config(model, batch_size, directory, epochs, device)
+        write_dataset(cfg, images)
+        timed[batch_size] = bench_training(cfg, directory / f"{model}-batch-{batch_size}")
+    return report(f"{model} on {cfg.dataset.name}-shaped data", timed, device, epochs)
+
+
+def report(what: str, timed: dict[int, Interleave], device: str, epochs: int) -> str:
     """A table of images/s of the pipeline and the plain loop, and their ratio, per batch size."""
     lines = [
-        f"LeNet-5 training on {device}, {torch.get_num_threads()} threads, {epochs} timed epochs, "
+        f"{what}, training on {device}, {torch.get_num_threads()} threads, {epochs} timed epochs, "
         "interleaved step by step:",
         f"{'batch':>7} {'pipeline img/s':>16} {'plain loop img/s':>18} {'ratio':>7}",
     ]
