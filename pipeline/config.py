@@ -12,6 +12,7 @@ select a builder (backbone, head, data source) are checked against the builders'
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -393,6 +394,8 @@ class TrackingConfig:
     # one MLflow experiment per dataset by default
     experiment: str = "${dataset.name}"
     log_checkpoint: bool = True  # the best checkpoint as a run artifact
+    # the best weights as an MLflow model (pyfunc: config and state dict), to register and serve
+    log_model: bool = True
 
 
 @dataclass
@@ -431,8 +434,16 @@ class EvaluateJob:
     run_dir: str = MISSING
     checkpoint: str = "checkpoints/best.ckpt"  # relative to run_dir
     out_dir: str | None = None  # null: RUN_DIR/eval
+    # a Model Registry name: the training's MLflow model becomes a version of it, and its
+    # @champion if no version scored a higher test accuracy (dvc.yaml: the run's name)
+    register: str | None = None
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        if self.register is not None:
+            ok = re.fullmatch(r"[\w.-]+", self.register) is not None
+            require(ok, "register", self.register, "null or a name of letters, digits, _ . -")
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """DVC stage `evaluate`: a training's best checkpoint on the test split, at several sizes.
 
-    python -m pipeline.evaluate run_dir=outputs/2026-11-21/12-00-00-000000
+    python -m pipeline.evaluate run_dir=outputs/2026-11-21/12-00-00-000000 [register=NAME]
 
 The checkpoint loads with `weights_only=True` (its hyperparameters are plain values); the
-reports go to `out_dir` (default: RUN_DIR/eval) and to the training's MLflow run.
+reports go to `out_dir` (default: RUN_DIR/eval) and to the training's MLflow run. With
+`register`, the training's MLflow model becomes a version of registered model NAME, and its
+@champion when it beats that one's test accuracy.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pipeline.cli import hydra_entry
 from pipeline.config import EvaluateJob, validate
 from pipeline.data.store import load_split
 from pipeline.evaluation.evaluate import evaluate_run, load_checkpoint
+from pipeline.evaluation.logged_model import register
+from pipeline.tracking.runs import read_run, tracking_client
 
 
 @hydra_entry("evaluate")
@@ -26,6 +30,9 @@ def main(cfg: DictConfig) -> None:
     test = load_split(config.paths.processed_dir(module.dataset_cfg.name), "test")
     out_dir = Path(config.out_dir) if config.out_dir else run_dir / "eval"
     evaluate_run(module, test, config.evaluation, out_dir, run_dir)
+    if config.register:
+        run = read_run(run_dir)
+        register(tracking_client(run["tracking_uri"]), run["run_id"], config.register)
 
 
 if __name__ == "__main__":

@@ -125,8 +125,11 @@ SHARED_RUN = (
 
 @pytest.fixture(scope="session")
 def shared_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
-    """One LeNet-5 training, for the tests that only read what a training leaves."""
-    return run_training(tmp_path_factory.mktemp("shared"), data_dir, *SHARED_RUN)
+    """One LeNet-5 training, for the tests that only read what a training leaves. Its system
+    metrics are sampled every half second (MLflow's knob), so that a short training has some."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+        return run_training(tmp_path_factory.mktemp("shared"), data_dir, *SHARED_RUN)
 
 
 def needs(available: bool, what: str) -> None:

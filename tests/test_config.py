@@ -10,9 +10,10 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline.cli import CONF_DIR
+from pipeline.cli import CONF_DIR, compose_config
 from pipeline.config import (
     DatasetConfig,
+    EvaluateJob,
     ModelConfig,
     OptimizerConfig,
     SchedulerConfig,
@@ -54,6 +55,11 @@ def test_group_yaml_holds_only_what_differs_from_its_schema(group: str):
 def test_bad_config_fails_at_start_naming_the_key(override: str, named: str):
     with pytest.raises(ConfigError, match=named):
         train_config(override)
+
+
+def test_bad_registered_model_name_fails_at_start_naming_the_key():
+    with pytest.raises(ConfigError, match="'register'"):
+        compose_config("evaluate", EvaluateJob, ["run_dir=runs/x", "register=a/b"])
 
 
 def test_unknown_group_option_lists_the_choices():

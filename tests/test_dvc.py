@@ -93,6 +93,10 @@ def test_offline_profile_end_to_end_then_nothing_to_do(repo_copy: Path):
         history = client.get_metric_history(run.info.run_id, "test/acc_at_size")
         assert sorted(m.step for m in history) == [21, 28, 42, 56]
     assert not any((repo_copy / "runs" / run / "eval").exists() for run in DIGITS_RUNS)
+    for run in DIGITS_RUNS:  # each registered by its evaluate stage, under its own name
+        champion = client.get_model_version_by_alias(run, "champion")
+        tags = client.get_run(champion.run_id).data.tags
+        assert tags["output_dir"] == str((repo_copy / "runs" / run).resolve())
 
 
 def commit_all(repo: Path, message: str) -> None:

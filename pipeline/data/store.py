@@ -54,13 +54,16 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def split_path(directory: Path, name: str) -> Path:
+    return Path(directory) / f"{name}.pt"
+
+
 def save_split(directory: Path, name: str, split: Split) -> None:
-    torch.save(split._asdict(), directory / f"{name}.pt")
+    torch.save(split._asdict(), split_path(directory, name))
 
 
 def load_split(directory: Path, name: str) -> Split:
-    path = Path(directory) / f"{name}.pt"
-    return Split(**torch.load(path, weights_only=True))
+    return Split(**torch.load(split_path(directory, name), weights_only=True))
 
 
 def write_meta(directory: Path, meta: dict[str, Any]) -> None:

@@ -23,11 +23,15 @@ from pipeline.config import DatasetConfig, TrainJob
 from pipeline.data.datamodule import TensorDataModule
 from pipeline.errors import PipelineError
 from pipeline.evaluation.evaluate import evaluate_run
+from pipeline.evaluation.logged_model import log_model
 from pipeline.models.summary import describe
 from pipeline.tracking.runs import (
     RUN_FILE,
     EpochHistory,
     RunRecorder,
+    SystemMetrics,
+    credentials_to_environment,
+    dataset_inputs,
     git_commit,
     read_run,
     run_logger,
@@ -81,7 +85,14 @@ def train(
     metrics["val/acc_best"] = float(best.best_model_score or 0.0)
     if trainer.is_global_zero:
         metrics |= record(
-            cfg, logger, module, datamodule, best, output_dir, metrics["val/acc_best"]
+            cfg,
+            logger,
+            module,
+            datamodule,
+            best,
+            output_dir,
+            metrics["val/acc_best"],
+            trainer.global_step,
         )
     return metrics
 
@@ -105,10 +116,12 @@ def build_callbacks(
             "output_dir": str(output_dir.resolve()),
             "model": module.network.name,
         },
+        datasets=dataset_inputs(meta, cfg.paths.processed_dir(cfg.dataset.name)),
         output_dir=output_dir,
         resumed=resumed,
     )
-    callbacks = [best, last, divergence, recorder, EpochHistory(output_dir / "history.csv")]
+    callbacks = [best, last, divergence, recorder, SystemMetrics(cfg.mlflow.tracking_uri)]
+    callbacks.append(EpochHistory(output_dir / "history.csv"))
     callbacks += [LearningRateMonitor("epoch"), ProgressBar()]
     if patience := cfg.trainer.early_stopping_patience:
         callbacks.append(EarlyStopping("val/acc", mode="max", patience=patience))
@@ -123,13 +136,22 @@ def record(
     best: ModelCheckpoint,
     output_dir: Path,
     best_score: float,
+    step: int,
 ) -> dict[str, float]:
-    """Rank 0, after testing: the best score and checkpoint to the run, then the evaluation
-    (`module` holds the best weights: trainer.test loaded them); returns its metrics."""
+    """Rank 0, after testing: the best score and checkpoint to the run, its MLflow model, then
+    the evaluation (`module` holds the best weights: trainer.test loaded them); returns its
+    metrics."""
     client, run_id = logger.experiment, logger.run_id
-    client.log_metric(run_id, "val/acc_best", best_score)
+    # at the test's step, with the test's metrics: what the MLflow model takes as its own
+    client.log_metric(run_id, "val/acc_best", best_score, step=step)
+    checkpoint = str(Path(best.best_model_path).resolve())
     if cfg.mlflow.log_checkpoint:
         client.log_artifact(run_id, best.best_model_path, "evaluation")
+        checkpoint = f"runs:/{run_id}/evaluation/{Path(checkpoint).name}"
+    if cfg.mlflow.log_model:
+        example = datamodule.splits["test"].images[:2]
+        uri = credentials_to_environment(cfg.mlflow.tracking_uri)
+        log_model(module, run_id, uri, example, step, checkpoint)
     log.info("output: %s  mlflow run: %s", output_dir, run_id)
     if not cfg.train.evaluate:
         return {}

@@ -28,6 +28,7 @@ from pipeline.config import (
 )
 from pipeline.data.augment import augment
 from pipeline.models import Network, build_model
+from pipeline.models.layers import Standardize
 from pipeline.training.optim import build_optimizer, build_scheduler
 
 
@@ -56,8 +57,7 @@ class Classifier(L.LightningModule):
         self.optimizer_cfg = OptimizerConfig(**optimizer)
         self.scheduler_cfg = SchedulerConfig(**scheduler)
         self.network: Network = build_model(ModelConfig(**model), self.dataset_cfg)
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
+        self.standardize = Standardize(mean, std)
         classes = len(self.dataset_cfg.classes)
         # nan_strategy="disable": a diverged epoch's loss stays NaN, for StopOnDivergence
         self.train_loss = MeanMetric(nan_strategy="disable")
@@ -81,7 +81,7 @@ class Classifier(L.LightningModule):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network((images.float() - self.mean) / self.std)
+        return self.network(self.standardize(images))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         images, labels = batch

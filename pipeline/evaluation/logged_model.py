@@ -1,0 +1,146 @@
+"""A trained classifier as an MLflow model, and its place in the Model Registry.
+
+The logged model is a pyfunc "model from code" (`served_model.py`): loading it runs that file,
+which rebuilds the network from its config (`build_model` on the ModelConfig and DatasetConfig it
+was trained with) and a state dict read with `weights_only=True`. Nothing on the way from a
+checkpoint to a served model is unpickled beyond tensors. Its signature takes uint8 images
+N x C x H x W, any H and W for GAP and SPP heads (MLflow refuses other sizes for an fc head,
+naming the one it takes); it answers each image's class index, class name and probabilities.
+The model carries the run's params, its test metrics and links to its run and checkpoint.
+
+A registered model's `champion` alias points at its version with the best test accuracy: a new
+version takes it only by beating it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
+from mlflow.types.schema import Array, ColSpec
+
+import pipeline
+from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.training.module import Classifier
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+SCORE = "test/acc"  # what the champion is chosen by
+# what loading the model imports (pinned to this environment's versions, so that MLflow need not
+# load the model in a subprocess to infer them)
+REQUIREMENTS = ("mlflow", "torch", "hydra-core", "numpy", "pandas")
+OUTPUTS = Schema(
+    [
+        ColSpec("long", "class_index"),
+        ColSpec("string", "class_name"),
+        ColSpec(Array("double"), "probabilities"),
+    ]
+)
+
+
+def signature(module: Classifier) -> ModelSignature:
+    """uint8 N x C x H x W in, H and W free (-1) unless the head needs its training size."""
+    channels, height, width = module.network.expected_input
+    if not module.network.fixed_size:
+        height = width = -1
+    inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, height, width))])
+    return ModelSignature(inputs, OUTPUTS)
+
+
+def log_model(
+    module: Classifier,
+    run_id: str,
+    tracking_uri: str,
+    example: torch.Tensor,
+    step: int,
+    checkpoint: str,
+) -> str:
+    """Log `module` (its best weights) as run `run_id`'s MLflow model; returns the model's id.
+
+    The run's metrics logged at `step` (the test's) become the model's too; `example`: a few
+    test images, the input example."""
+    # served_model.py's input: ModelConfig and DatasetConfig as dicts, the data's mean and std
+    config = {key: module.hparams[key] for key in ("model", "dataset", "mean", "std")}
+    package = Path(pipeline.__file__).parent
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {"config": Path(tmp, "config.json"), "weights": Path(tmp, "weights.pt")}
+        artifacts["config"].write_text(json.dumps(config, indent=2) + "\n")
+        torch.save(module.network.state_dict(), artifacts["weights"])
+        mlflow.set_tracking_uri(tracking_uri)
+        with mlflow.start_run(run_id):
+            info = mlflow.pyfunc.log_model(
+                name=f"{module.network.name}-{module.dataset_cfg.name}",
+                python_model=package / "evaluation" / "served_model.py",
+                artifacts={key: str(path) for key, path in artifacts.items()},
+                code_paths=[str(package)],
+                signature=signature(module),
+                input_example=example.cpu().numpy(),
+                pip_requirements=[
+                    f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS
+                ],
+                tags={"checkpoint": checkpoint, "network": module.network.name},
+                step=step,
+            )
+    return info.model_id
+
+
+def run_model_id(client: MlflowClient, run_id: str) -> str:
+    """The id of the MLflow model that run `run_id` logged (its last, if several)."""
+    outputs = client.get_run(run_id).outputs
+    models = sorted(outputs.model_outputs, key=lambda m: m.step) if outputs else []
+    if not models:
+        raise PipelineError(
+            f"MLflow run {run_id} logged no model: train with mlflow.log_model=true to register it"
+        )
+    return models[-1].model_id
+
+
+def model_score(client: MlflowClient, model_id: str) -> float:
+    """The model's test accuracy (-inf when it has none: any measured model beats it)."""
+    metrics = client.get_logged_model(model_id).metrics or []
+    return max((m.value for m in metrics if m.key == SCORE), default=-np.inf)
+
+
+def register(client: MlflowClient, run_id: str, name: str) -> tuple[ModelVersion, bool]:
+    """Register run `run_id`'s model as a version of `name` (once: the same run again finds its
+    version) and give it the `champion` alias if it beats the current one's test accuracy;
+    returns (the version, whether it is the champion now)."""
+    model_id = run_model_id(client, run_id)
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name, description="best test accuracy: @champion")
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    registered = (
+        found[0]
+        if found
+        else client.create_model_version(name, f"models:/{model_id}", run_id, model_id=model_id)
+    )
+    score = model_score(client, model_id)
+    current = client.get_registered_model(name).aliases.get(CHAMPION)
+    if current is not None and str(current) == str(registered.version):
+        return registered, True
+    if current is not None:
+        champion = client.get_model_version(name, current)
+        best = model_score(client, run_model_id(client, champion.run_id))
+        if score <= best:
+            log.info(
+                "%s v%s: %s %.4f, not above @%s v%s's %.4f",
+                *(name, registered.version, SCORE, score, CHAMPION, current, best),
+            )
+            return registered, False
+    client.set_registered_model_alias(name, CHAMPION, registered.version)
+    log.info("%s v%s is @%s: %s %.4f", name, registered.version, CHAMPION, SCORE, score)
+    return registered, True
