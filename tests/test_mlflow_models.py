@@ -166,6 +166,25 @@ def test_champion_alias_moves_only_to_a_better_model(shared_run, gap_run, store)
     assert store.get_model_version_by_alias("kept", CHAMPION).run_id == better
 
 
+def test_evaluate_registers_the_model_of_a_run_in_any_store(gap_run, data_dir, store, tmp_path):
+    """The DVC stage's command, run where the default store (./mlruns) is not the run's."""
+    run_id, output_dir = gap_run
+    command = [sys.executable, "-m", "pipeline.evaluate", f"run_dir={output_dir}"]
+    command += [
+        f"out_dir={tmp_path / 'eval'}",
+        "register=by-evaluate",
+        f"paths.data_dir={data_dir}",
+    ]
+    environment = {k: v for k, v in env().items() if k != "MLFLOW_TRACKING_URI"}
+    subprocess.run(command, cwd=tmp_path, env=environment, check=True, timeout=600)
+    assert store.get_model_version_by_alias("by-evaluate", CHAMPION).run_id == run_id
+    # the logged model knows its version (the UI's "Model versions" on the model's page)
+    model = store.get_logged_model(run_model_id(store, run_id))
+    versions = json.loads(model.tags["mlflow.modelVersions"])
+    assert ("by-evaluate", "1") in {(v["name"], str(v["version"])) for v in versions}
+    assert not (tmp_path / "mlruns").exists()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

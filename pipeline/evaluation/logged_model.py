@@ -120,14 +120,14 @@ def register(client: MlflowClient, run_id: str, name: str) -> tuple[ModelVersion
     version) and give it the `champion` alias if it beats the current one's test accuracy;
     returns (the version, whether it is the champion now)."""
     model_id = run_model_id(client, run_id)
+    # MLflow looks a version's source (models:/MODEL_ID) up through the process's tracking URI,
+    # not the client's (a TODO in its SqlAlchemyStore.create_model_version)
+    mlflow.set_tracking_uri(client.tracking_uri)
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name, description="best test accuracy: @champion")
     found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    registered = (
-        found[0]
-        if found
-        else client.create_model_version(name, f"models:/{model_id}", run_id, model_id=model_id)
-    )
+    # mlflow.register_model also links the logged model to its version (the UI shows it there)
+    registered = found[0] if found else mlflow.register_model(f"models:/{model_id}", name)
     score = model_score(client, model_id)
     current = client.get_registered_model(name).aliases.get(CHAMPION)
     if current is not None and str(current) == str(registered.version):
