@@ -25,8 +25,9 @@ from pipeline.config import (
     OptimizerConfig,
     SchedulerConfig,
     TrainJob,
+    require,
 )
-from pipeline.data.augment import augment
+from pipeline.data.augment import augment, training_heights
 from pipeline.models import Network, build_model
 from pipeline.training.optim import build_optimizer, build_scheduler
 
@@ -56,6 +57,7 @@ class Classifier(L.LightningModule):
         self.optimizer_cfg = OptimizerConfig(**optimizer)
         self.scheduler_cfg = SchedulerConfig(**scheduler)
         self.network: Network = build_model(ModelConfig(**model), self.dataset_cfg)
+        self.train_heights = self._train_heights()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
         classes = len(self.dataset_cfg.classes)
@@ -80,12 +82,29 @@ class Classifier(L.LightningModule):
             label_smoothing=cfg.train.label_smoothing,
         )
 
+    def _train_heights(self) -> tuple[int, int]:
+        """The range of image heights training draws from: the dataset's alone for a network
+        of fixed size (fc heads), else `data.augment.scale_range` of it, checked against the
+        smallest input the network accepts."""
+        height = self.dataset_cfg.height
+        if self.network.fixed_size:
+            return height, height
+        heights = training_heights(height, self.augment_cfg.scale_range)
+        side = self.network.min_input_size
+        require(
+            heights[0] >= side,
+            "data.augment.scale_range",
+            self.augment_cfg.scale_range,
+            f"a low end of at least {side / height:.3g}: {self.network.name} takes {side} px up",
+        )
+        return heights
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network((images.float() - self.mean) / self.std)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         images, labels = batch
-        logits = self(augment(images.float(), self.augment_cfg))
+        logits = self(augment(images.float(), self.augment_cfg, self.train_heights))
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         self.train_loss.update(loss.detach(), len(labels))
         self.train_acc.update(logits.detach(), labels)
