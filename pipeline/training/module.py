@@ -27,7 +27,7 @@ from pipeline.config import (
     TrainJob,
     require,
 )
-from pipeline.data.augment import augment, training_heights
+from pipeline.data.augment import augment, resize_to_height, training_heights
 from pipeline.models import Network, build_model
 from pipeline.training.optim import build_optimizer, build_scheduler
 
@@ -129,7 +129,12 @@ class Classifier(L.LightningModule):
         return logits
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
-        self.val_acc.update(self._evaluate("val", batch), batch[1])
+        """val/acc of a multi-size network: at the dataset's size and the training range's
+        ends alike, so that the best checkpoint is the best over the range it serves."""
+        images, labels = batch
+        self.val_acc.update(self._evaluate("val", batch), labels)
+        for height in sorted(set(self.train_heights) - {images.shape[-2]}):
+            self.val_acc.update(self(resize_to_height(images, height)), labels)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metric("val/acc", self.val_acc)
