@@ -144,20 +144,25 @@ class PrepareJob:
 
 @dataclass
 class AugmentConfig:
-    """Training-batch augmentation on the device (LeCun 1998: flips, shifts of up to 2 px)."""
+    """Training-batch augmentation on the device (LeCun 1998: flips, shifts of up to 2 px;
+    He et al. 2015 and Lin et al. 2013: several input sizes)."""
 
     flip: bool = False
     max_shift: int = 0
-    # multi-size training (SPP): one of these sizes per step; empty: the dataset's size
-    sizes: list[int] = field(default_factory=list)
+    # multi-size training: each batch is resized by a factor drawn uniformly from [low, high]
+    # (multiples of the dataset's size, like evaluation.scales), so GAP and SPP heads learn
+    # every size they are tested at; fc heads, built for one size, always train at the
+    # dataset's. [1, 1]: one size for every head
+    scale_range: list[float] = field(default_factory=lambda: [0.75, 2.0])
 
     def __post_init__(self) -> None:
         require(0 <= self.max_shift <= 8, "data.augment.max_shift", self.max_shift, "0 to 8")
+        scales = self.scale_range
         require(
-            all(size >= 8 for size in self.sizes),
-            "data.augment.sizes",
-            self.sizes,
-            "a list of sizes >= 8 (empty: off)",
+            len(scales) == 2 and 0 < scales[0] <= scales[1] <= 8,
+            "data.augment.scale_range",
+            self.scale_range,
+            "[low, high] with 0 < low <= high <= 8 ([1, 1]: one size)",
         )
 
 
@@ -352,8 +357,9 @@ class SchedulerConfig:
 class EvaluationConfig:
     """`evaluation`: the test-set evaluation, at the end of a training or on its own."""
 
-    # test resolutions as multiples of the training size (what GAP and SPP are for)
-    scales: list[float] = field(default_factory=lambda: [0.75, 1.0, 1.5, 2.0])
+    # test resolutions as multiples of the dataset's size (what GAP and SPP are for): the
+    # multi-size training range (data.augment.scale_range) and beyond it on both sides
+    scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3])
     # images per forward pass, for validation and testing too
     batch_size: int = 1000
 
@@ -413,14 +419,6 @@ class TrainJob:
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        require(
-            not self.data.augment.sizes or self.model.head != "fc",
-            "data.augment.sizes",
-            self.data.augment.sizes,
-            "[] with model.head=fc (multi-size training needs a gap or spp head)",
-        )
 
 
 # --- the other entry points ----------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The results table of the DVC runs: `python -m pipeline.report` (the end of `make demo`).
 
-Reads params.yaml's runs, each run's reports/NAME/metrics.json (written by the evaluate
-stage) and runs/NAME/history.csv (training time), prints one row per evaluated run, and
-draws every run's accuracy-versus-resolution curve into reports/resolution.png.
+Reads params.yaml's runs, each run's reports/NAME/metrics.json and resolution.csv (written by
+the evaluate stage) and runs/NAME/history.csv (training time), and prints one row per
+evaluated run. Per dataset, it draws every run's accuracy-versus-size curve into one figure,
+reports/resolution-DATASET.png (`dvc plots show` draws the same from dvc.yaml's top-level
+plots), and logs it to each of those runs in MLflow, so each run shows how its head compares.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pipeline.evaluation.figures import resolution_figure
+from pipeline.evaluation.figures import Curve, resolution_figure
+from pipeline.tracking.runs import RUN_FILE, read_run, tracking_client
 
 
 def load_rows(root: Path) -> list[dict]:
@@ -28,15 +31,19 @@ def load_rows(root: Path) -> list[dict]:
         with (root / "runs" / name / "history.csv").open() as handle:
             history = list(csv.DictReader(handle))
         with (root / "reports" / name / "resolution.csv").open() as handle:
-            resolution = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+            resolution = [
+                {"size": float(row["size"]), "accuracy": float(row["accuracy"])}
+                for row in csv.DictReader(handle)
+            ]
         rows.append(
             {
                 "run": name,
+                "dataset": run["dataset"],
                 "model": run["model"],
                 "params": metrics["params"],
                 "test_acc": metrics["test_acc"],
                 "at_size": metrics["test_acc_at_size"],
-                "resolution": resolution,
+                "curve": Curve(name, resolution, metrics["min_input_size"], metrics["fixed_size"]),
                 "epochs": len(history),
                 "seconds": float(history[-1]["elapsed_s"]),
             }
@@ -62,6 +69,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def dataset_figure(root: Path, rows: list[dict]) -> Path:
+    """One dataset's runs overlaid: written to reports/ and logged to each run in MLflow."""
+    dataset = rows[0]["dataset"]
+    figure = resolution_figure(
+        [row["curve"] for row in rows], f"{dataset}: test accuracy versus input size"
+    )
+    path = root / "reports" / f"resolution-{dataset}.png"
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    for row in rows:
+        run_dir = root / "runs" / row["run"]
+        if (run_dir / RUN_FILE).is_file():
+            run = read_run(run_dir)
+            tracking_client(run["tracking_uri"]).log_figure(
+                run["run_id"], figure, f"evaluation/{path.name}"
+            )
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("."))
@@ -70,9 +95,10 @@ def main() -> None:
     if not rows:
         raise SystemExit("no evaluated runs yet: dvc repro --glob 'evaluate@digits-*'")
     print(table(rows))
-    figure = resolution_figure({row["run"]: row["resolution"] for row in rows})
-    figure.savefig(args.root / "reports" / "resolution.png", dpi=110, bbox_inches="tight")
-    print("\naccuracy versus input size, all runs: reports/resolution.png")
+    print()
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        path = dataset_figure(args.root, [row for row in rows if row["dataset"] == dataset])
+        print(f"accuracy versus input size, {dataset} runs: {path.relative_to(args.root)}")
     print("MLflow UI on these runs: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
 
 

@@ -47,7 +47,7 @@ def test_group_yaml_holds_only_what_differs_from_its_schema(group: str):
         ("trainer.devices=0", "trainer.devices"),
         ("model.head=mlp", "fc, gap, spp"),
         ("+trainer.max_epoch=3", "max_epoch"),
-        ("data.augment.sizes=[24,32]", "gap or spp"),
+        ("data.augment.scale_range=[2,1]", "data.augment.scale_range"),
         ("optimizer.lr=-1", "optimizer.lr"),
         ("trainer.profiler=fast", "simple, advanced, pytorch"),
     ],

@@ -80,7 +80,7 @@ def test_offline_profile_end_to_end_then_nothing_to_do(repo_copy: Path):
     for run in DIGITS_RUNS:
         row = metrics[f"reports/{run}/metrics.json"]["data"]
         assert 0 <= row["test_acc"] <= 1
-        assert set(row["test_acc_at_size"]) == {"21", "28", "42", "56"}
+        assert set(row["test_acc_at_size"]) == {"14", "21", "28", "35", "42", "56", "70", "84"}
     plots = sh("dvc", "plots", "show", "--json", cwd=repo_copy).stdout
     for name in ("history.csv", "predictions.csv", "resolution.csv", "confusion.png"):
         assert name in plots
@@ -91,7 +91,7 @@ def test_offline_profile_end_to_end_then_nothing_to_do(repo_copy: Path):
         logged = {item.path for item in client.list_artifacts(run.info.run_id, "evaluation")}
         assert {"evaluation/best.ckpt", "evaluation/metrics.json"} <= logged
         history = client.get_metric_history(run.info.run_id, "test/acc_at_size")
-        assert sorted(m.step for m in history) == [21, 28, 42, 56]
+        assert sorted(m.step for m in history) == [14, 21, 28, 35, 42, 56, 70, 84]
     assert not any((repo_copy / "runs" / run / "eval").exists() for run in DIGITS_RUNS)
     for run in DIGITS_RUNS:  # each registered by its evaluate stage, under its own name
         champion = client.get_model_version_by_alias(run, "champion")

@@ -30,11 +30,11 @@ from tests.conftest import env, train_config
 
 pytestmark = pytest.mark.slow  # every test here reads a training's model
 
-# a GAP LeNet-5 trained on three sizes (the mechanism of data.augment.sizes), kept short
+# a GAP LeNet-5 trained at sizes from 21 to 42 px (data.augment.scale_range), kept short
 GAP_SIZES = (21, 28, 42)
 GAP_RUN = (
     "model=lenet5_gap",
-    f"data.augment.sizes=[{','.join(map(str, GAP_SIZES))}]",
+    "data.augment.scale_range=[0.75,1.5]",
     "data.batch_size=64",
     "optimizer=adam",
     "optimizer.lr=0.003",

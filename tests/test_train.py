@@ -51,7 +51,7 @@ def test_run_records_params_metrics_tags_and_artifacts(shared_run):
     assert logged["test/acc"] == pytest.approx(metrics["test/acc"])
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 5  # one per epoch
     sizes = [m.step for m in client.get_metric_history(run.info.run_id, "test/acc_at_size")]
-    assert sorted(sizes) == [21, 28, 42, 56]
+    assert sorted(sizes) == [14, 21, 28, 35, 42, 56, 70, 84]
     assert {
         "config.yaml",
         "summary.txt",

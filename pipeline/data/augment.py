@@ -7,7 +7,7 @@ Each function takes a float batch N x C x H x W and draws one random choice per 
 
 from __future__ import annotations
 
-import random
+import math
 
 import torch
 import torch.nn.functional as F
@@ -36,17 +36,40 @@ def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
     return padded[batch, channels, rows, cols]
 
 
-def random_size(images: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Resize the batch to one of `sizes` (SPP's multi-size training, He et al.)."""
-    size = random.choice(sizes)
-    if size == images.shape[-1]:
+def resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The batch as float images of `height` x `width` (bilinear, antialiased when shrinking):
+    the one resize of training and evaluation alike."""
+    if images.shape[-2:] == (height, width):
+        return images.float()
+    return F.interpolate(images.float(), size=(height, width), mode="bilinear", antialias=True)
+
+
+def training_heights(height: int, scale_range: list[float]) -> tuple[int, int]:
+    """The smallest and largest image height multi-size training draws, for images `height`
+    px high (rounded as the evaluation rounds its test sizes)."""
+    return round(height * scale_range[0]), round(height * scale_range[1])
+
+
+def random_size(images: torch.Tensor, heights: tuple[int, int]) -> torch.Tensor:
+    """Resize the batch to one height drawn from `heights` (inclusive), keeping the aspect
+    ratio. Log-uniform: each factor of size as often (21 to 28 px as often as 42 to 56), since
+    a convolution sees scale as a ratio; the ends are drawn as often as their neighbours."""
+    low, high = heights
+    if low == high == images.shape[-2]:
         return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+    log_size = torch.empty(()).uniform_(math.log(low - 0.5), math.log(high + 0.5))
+    height = min(max(round(math.exp(log_size.item())), low), high)
+    return resize_to_height(images, height)
 
 
-def augment(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
-    """The training batch as `cfg` augments it: flips, then shifts, then a size."""
+def resize_to_height(images: torch.Tensor, height: int) -> torch.Tensor:
+    """The batch resized to `height`, keeping its aspect ratio."""
+    return resize(images, height, round(images.shape[-1] * height / images.shape[-2]))
+
+
+def augment(images: torch.Tensor, cfg: AugmentConfig, heights: tuple[int, int]) -> torch.Tensor:
+    """The training batch as `cfg` augments it: flips, then shifts, then a height drawn from
+    `heights` (the network's `training_heights`; one height for a fixed-size network)."""
     if cfg.flip:
         images = random_flip(images)
-    images = random_shift(images, cfg.max_shift)
-    return random_size(images, cfg.sizes) if cfg.sizes else images
+    return random_size(random_shift(images, cfg.max_shift), heights)

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import EvaluationConfig
+from pipeline.data.augment import resize
 from pipeline.data.store import Split
 from pipeline.errors import PipelineError
 from pipeline.evaluation.figures import (
+    Curve,
     confusion_figure,
     kernels_figure,
     misclassified_figure,
@@ -42,12 +43,8 @@ class Evaluation:
     labels: torch.Tensor
     predictions: torch.Tensor
     resolution: list[dict[str, float]]  # size, scale, accuracy
-
-
-def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images.float()
-    return F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+    # the smallest side the network takes (fc: its one size, other sizes are resized to it)
+    min_input_size: int
 
 
 @torch.no_grad()
@@ -59,9 +56,9 @@ def predict(module: Classifier, images: torch.Tensor, batch_size: int, size: int
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(module.device)
         if size is not None:
-            batch = resize(batch, size)
+            batch = resize(batch, size, size)
             if network.fixed_size:
-                batch = resize(batch, own)
+                batch = resize(batch, own, own)
         predictions.append(module(batch).argmax(dim=1).cpu())
     return torch.cat(predictions)
 
@@ -74,16 +71,20 @@ def evaluate(module: Classifier, test: Split, scales: list[float], batch_size: i
     confusion = torch.bincount(labels * classes + predictions, minlength=classes**2)
     confusion = confusion.view(classes, classes)
     per_class = (confusion.diag() / confusion.sum(1).clamp_min(1)).tolist()
-    own = module.network.expected_input[-1]
-    resolution = []
+    network = module.network
+    own = network.expected_input[-1]
+    smallest = own if network.fixed_size else network.min_input_size
+    resolution, below = [], []
     for scale in scales:
         size = round(own * scale)
-        if not module.network.fixed_size and size < module.network.min_input_size:
-            log.warning("skipping %d px: below the network's minimum input size", size)
+        if not network.fixed_size and size < smallest:
+            below.append(size)
             continue
         at_size = predict(module, test.images, batch_size, size)
         accuracy = (at_size == labels).float().mean().item()
         resolution.append({"size": size, "scale": scale, "accuracy": accuracy})
+    if below:
+        log.warning("%s takes inputs from %d px: not tested at %s", network.name, smallest, below)
     return Evaluation(
         accuracy=(predictions == labels).float().mean().item(),
         per_class=per_class,
@@ -91,6 +92,7 @@ def evaluate(module: Classifier, test: Split, scales: list[float], batch_size: i
         labels=labels,
         predictions=predictions,
         resolution=resolution,
+        min_input_size=smallest,
     )
 
 
@@ -103,6 +105,8 @@ def write_reports(
     metrics = {  # the row `dvc metrics show` prints for this model
         "test_acc": evaluation.accuracy,
         "test_acc_at_size": {str(r["size"]): r["accuracy"] for r in evaluation.resolution},
+        "min_input_size": evaluation.min_input_size,
+        "fixed_size": module.network.fixed_size,
         "params": sum(p.numel() for p in module.network.parameters() if p.requires_grad),
     }
     per_class = dict(zip(classes, evaluation.per_class, strict=True))
@@ -115,17 +119,26 @@ def write_reports(
         writer.writerow(["actual", "predicted"])
         for actual, predicted in zip(evaluation.labels, evaluation.predictions, strict=True):
             writer.writerow([classes[actual], classes[predicted]])
-    with files[2].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["size", "scale", "accuracy"])
+    with files[2].open("w", newline="") as handle:  # a run's curve in the dataset's figure
+        writer = csv.DictWriter(handle, fieldnames=["model", "size", "scale", "accuracy"])
         writer.writeheader()
-        writer.writerows(evaluation.resolution)
+        writer.writerows({"model": module.network.name, **r} for r in evaluation.resolution)
     figures = {
         "confusion.png": confusion_figure(evaluation.confusion, classes),
         "misclassified.png": misclassified_figure(
             test.images.cpu(), evaluation.labels, evaluation.predictions, classes
         ),
         "kernels.png": kernels_figure(module.network),
-        "resolution.png": resolution_figure({module.network.name: evaluation.resolution}),
+        "resolution.png": resolution_figure(
+            [
+                Curve(
+                    module.network.name,
+                    evaluation.resolution,
+                    evaluation.min_input_size,
+                    module.network.fixed_size,
+                )
+            ]
+        ),
     }
     for name, figure in figures.items():
         figure.savefig(out_dir / name, dpi=110, bbox_inches="tight")
@@ -141,6 +154,7 @@ def log_to_run(run_dir: Path, files: list[Path], evaluation: Evaluation) -> None
         client.log_artifact(run["run_id"], str(path), "evaluation")
     for row in evaluation.resolution:
         client.log_metric(run["run_id"], "test/acc_at_size", row["accuracy"], step=int(row["size"]))
+    client.log_metric(run["run_id"], "test/min_input_size", evaluation.min_input_size)
 
 
 def load_checkpoint(path: Path) -> Classifier:
@@ -160,5 +174,11 @@ def evaluate_run(
     if (run_dir / RUN_FILE).is_file():
         log_to_run(run_dir, files, evaluation)
     sizes = ", ".join(f"{r['size']}px {r['accuracy']:.4f}" for r in evaluation.resolution)
-    log.info("test accuracy %.4f; by input size: %s", evaluation.accuracy, sizes)
+    log.info(
+        "test accuracy %.4f; by input size (%s takes %d px up): %s",
+        evaluation.accuracy,
+        module.network.name,
+        evaluation.min_input_size,
+        sizes,
+    )
     return evaluation

@@ -4,6 +4,7 @@ directly (no pyplot global state, no display needed)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from matplotlib.figure import Figure
@@ -73,16 +74,31 @@ def kernels_figure(network: nn.Module, limit: int = 96) -> Figure:
     return _image_grid(kernels, titles, columns=min(12, len(kernels)), title="first-layer kernels")
 
 
-def resolution_figure(curves: dict[str, list[dict[str, float]]]) -> Figure:
-    """Test accuracy against input size, one line per model (GAP/SPP vs FC)."""
-    figure = Figure(figsize=(5.5, 3.8))
+@dataclass
+class Curve:
+    """One network's test accuracy by input size, a line of `resolution_figure`."""
+
+    label: str
+    rows: list[dict[str, float]]  # size, accuracy
+    min_input_size: int
+    fixed_size: bool  # fc heads: each test size is resized back to their one size
+
+
+def resolution_figure(curves: list[Curve], title: str = "accuracy versus input size") -> Figure:
+    """Test accuracy against input size, one line per network (fc resized, GAP, SPP), each
+    GAP or SPP network's smallest accepted input marked by a dotted line of its colour."""
+    figure = Figure(figsize=(6.5, 4.2))
     axes = figure.add_subplot()
-    for name, rows in curves.items():
-        axes.plot([r["size"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=name)
-    axes.set_xlabel("test input size (px)")
+    for curve in curves:
+        kind = f"resized to {curve.min_input_size} px" if curve.fixed_size else "native"
+        sizes, accuracies = [r["size"] for r in curve.rows], [r["accuracy"] for r in curve.rows]
+        (line,) = axes.plot(sizes, accuracies, marker="o", label=f"{curve.label} ({kind})")
+        if not curve.fixed_size:
+            axes.axvline(curve.min_input_size, color=line.get_color(), linestyle=":", alpha=0.7)
+    axes.set_xlabel("test input size (px); dotted: smallest input a GAP/SPP network takes")
     axes.set_ylabel("test accuracy")
     axes.set_ylim(0, 1.02)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
-    axes.set_title("accuracy versus input resolution")
+    axes.legend(fontsize=7, loc="lower center")
+    axes.set_title(title)
     return figure

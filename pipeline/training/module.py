@@ -25,8 +25,9 @@ from pipeline.config import (
     OptimizerConfig,
     SchedulerConfig,
     TrainJob,
+    require,
 )
-from pipeline.data.augment import augment
+from pipeline.data.augment import augment, resize_to_height, training_heights
 from pipeline.models import Network, build_model
 from pipeline.models.layers import Standardize
 from pipeline.training.optim import build_optimizer, build_scheduler
@@ -57,6 +58,7 @@ class Classifier(L.LightningModule):
         self.optimizer_cfg = OptimizerConfig(**optimizer)
         self.scheduler_cfg = SchedulerConfig(**scheduler)
         self.network: Network = build_model(ModelConfig(**model), self.dataset_cfg)
+        self.train_heights = self._train_heights()
         self.standardize = Standardize(mean, std)
         classes = len(self.dataset_cfg.classes)
         # nan_strategy="disable": a diverged epoch's loss stays NaN, for StopOnDivergence
@@ -80,12 +82,29 @@ class Classifier(L.LightningModule):
             label_smoothing=cfg.train.label_smoothing,
         )
 
+    def _train_heights(self) -> tuple[int, int]:
+        """The range of image heights training draws from: the dataset's alone for a network
+        of fixed size (fc heads), else `data.augment.scale_range` of it, checked against the
+        smallest input the network accepts."""
+        height = self.dataset_cfg.height
+        if self.network.fixed_size:
+            return height, height
+        heights = training_heights(height, self.augment_cfg.scale_range)
+        side = self.network.min_input_size
+        require(
+            heights[0] >= side,
+            "data.augment.scale_range",
+            self.augment_cfg.scale_range,
+            f"a low end of at least {side / height:.3g}: {self.network.name} takes {side} px up",
+        )
+        return heights
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(self.standardize(images))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         images, labels = batch
-        logits = self(augment(images.float(), self.augment_cfg))
+        logits = self(augment(images.float(), self.augment_cfg, self.train_heights))
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         self.train_loss.update(loss.detach(), len(labels))
         self.train_acc.update(logits.detach(), labels)
@@ -110,7 +129,12 @@ class Classifier(L.LightningModule):
         return logits
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
-        self.val_acc.update(self._evaluate("val", batch), batch[1])
+        """val/acc of a multi-size network: at the dataset's size and the training range's
+        ends alike, so that the best checkpoint is the best over the range it serves."""
+        images, labels = batch
+        self.val_acc.update(self._evaluate("val", batch), labels)
+        for height in sorted(set(self.train_heights) - {images.shape[-2]}):
+            self.val_acc.update(self(resize_to_height(images, height)), labels)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metric("val/acc", self.val_acc)
