@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import DatasetConfig
+from pipeline.config import SOURCE_NAMES, DatasetConfig
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 
@@ -46,7 +46,7 @@ class RawSource(ABC):
         """Read the files written by `download` as tensors."""
 
 
-SOURCES: Registry[RawSource] = Registry("data source")
+SOURCES: Registry[RawSource] = Registry("data source", SOURCE_NAMES)
 
 
 def register_source(*names: str):
