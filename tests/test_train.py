@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.models import InputShapeError
-from pipeline.tracking.runs import read_run
+from pipeline.tracking.store import read_run
 from pipeline.training.module import Classifier
 from tests.conftest import SHARED_RUN, cli, env, run_module, run_training
 

@@ -24,15 +24,8 @@ from pipeline.data.datamodule import TensorDataModule
 from pipeline.errors import PipelineError
 from pipeline.evaluation.evaluate import evaluate_run
 from pipeline.models.summary import describe
-from pipeline.tracking.runs import (
-    RUN_FILE,
-    EpochHistory,
-    RunRecorder,
-    git_commit,
-    read_run,
-    run_logger,
-    run_name,
-)
+from pipeline.tracking.runs import EpochHistory, RunRecorder, git_commit, run_logger, run_name
+from pipeline.tracking.store import RUN_FILE, read_run
 from pipeline.training.callbacks import ProgressBar, StopOnDivergence
 from pipeline.training.module import Classifier
 
@@ -98,12 +91,12 @@ def build_callbacks(
     divergence = StopOnDivergence()
     recorder = RunRecorder(
         asdict(cfg),
-        describe(module.network),
+        describe(module.model.network),
         tags={
             "git_commit": git_commit(Path.cwd()),
             "data_sha256": meta["sha256"],
             "output_dir": str(output_dir.resolve()),
-            "model": module.network.name,
+            "model": module.model.network.name,
         },
         output_dir=output_dir,
         resumed=resumed,
@@ -134,7 +127,7 @@ def record(
     if not cfg.train.evaluate:
         return {}
     test = datamodule.splits["test"]
-    evaluation = evaluate_run(module, test, cfg.evaluation, output_dir / "eval", output_dir)
+    evaluation = evaluate_run(module.model, test, cfg.evaluation, output_dir / "eval", output_dir)
     return {f"test/acc_at_{r['size']}px": r["accuracy"] for r in evaluation.resolution}
 
 

@@ -28,7 +28,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from pipeline.config import TrainJob
 from pipeline.errors import PipelineError
-from pipeline.tracking.runs import open_store
+from pipeline.tracking.store import open_store
 from pipeline.training.fit import open_data, train
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """The LightningModule: any network of the zoo, trained as a classifier.
 
 Its hyperparameters are plain values (dicts, lists, numbers), so a checkpoint loads with
-`weights_only=True` and rebuilds the same network. Inputs are raw 0-255 images (uint8 or
-float); normalisation with the training split's mean and std is the first step of `forward`,
-so a checkpoint needs nothing else to classify images.
+`weights_only=True` and rebuilds the same network. What it trains is an `ImageClassifier`
+(`self.model`): raw 0-255 images in, normalised with the training split's mean and std, so a
+checkpoint needs nothing else to classify images, and evaluation restores it without Lightning.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pipeline.config import (
     TrainJob,
 )
 from pipeline.data.augment import augment
-from pipeline.models import Network, build_model
+from pipeline.models import ImageClassifier, build_model
 from pipeline.training.optim import build_optimizer, build_scheduler
 
 
@@ -55,9 +55,8 @@ class Classifier(L.LightningModule):
         self.augment_cfg = AugmentConfig(**augment)
         self.optimizer_cfg = OptimizerConfig(**optimizer)
         self.scheduler_cfg = SchedulerConfig(**scheduler)
-        self.network: Network = build_model(ModelConfig(**model), self.dataset_cfg)
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
+        network = build_model(ModelConfig(**model), self.dataset_cfg)
+        self.model = ImageClassifier(network, self.dataset_cfg, mean, std)
         classes = len(self.dataset_cfg.classes)
         # nan_strategy="disable": a diverged epoch's loss stays NaN, for StopOnDivergence
         self.train_loss = MeanMetric(nan_strategy="disable")
@@ -81,7 +80,7 @@ class Classifier(L.LightningModule):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network((images.float() - self.mean) / self.std)
+        return self.model(images)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         images, labels = batch
