@@ -275,6 +275,9 @@ class TrainerConfig:
     log_every_n_steps: int = 50
     # Lightning's profiler by name (simple, advanced, pytorch): a report when fitting ends
     profiler: str | None = None
+    # torch.compile the network: faster steps after seconds to minutes of compiling (`make
+    # bench` weighs the two); on in trainer=gpu, off where the compiling would dominate
+    compile: bool = False
 
     def __post_init__(self) -> None:
         one_of(self.profiler, "trainer.profiler", ("simple", "advanced", "pytorch"), True)
@@ -302,6 +305,7 @@ class TrainerConfig:
         """The keys that Lightning's Trainer takes, by the same names."""
         args = asdict(self)
         del args["early_stopping_patience"]  # a callback's setting
+        del args["compile"]  # applied to the network (pipeline.training.fit)
         return args
 
 

@@ -51,6 +51,9 @@ def train(
     output_dir.mkdir(parents=True, exist_ok=True)
     datamodule = open_data(cfg)
     module = Classifier.from_config(cfg, datamodule.meta)
+    if cfg.trainer.compile:
+        # in place (torch.nn.Module.compile): the checkpoint keeps the eager model's keys
+        module.model.compile()
     checkpoint, run_id = continued_from(cfg, output_dir)
     name = run_name(cfg.model.backbone, cfg.model.head, cfg.dataset.name)
     logger = run_logger(
