@@ -65,8 +65,10 @@ format: install
 	ruff check --fix .
 	ruff format .
 
+# training speed (pipeline eager and compiled against a plain loop), then entry points' start-up
 bench: install
 	python -m benchmarks.bench
+	python -m benchmarks.startup
 
 ui: install
 	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db

@@ -4,13 +4,17 @@ Measures what the pipeline's speed rests on, with the pipeline's own code, side 
 the plainest PyTorch equivalent in the same process:
 - loading a preprocessed split of MNIST's size (70,000 x 1 x 28 x 28 uint8) into memory;
 - training LeNet-5 on MNIST-shaped data: `pipeline.training.fit.train` itself (its Trainer,
-  callbacks, progress bar and MLflow run, in a temporary sqlite store) against a
-  hand-written loop over the same network, data, batch size, optimizer and threads.
+  callbacks, progress bar and MLflow run, in a temporary sqlite store), eager and compiled
+  (`trainer.compile=true`), each against a hand-written eager loop over the same network,
+  data, batch size, optimizer and threads.
 
-The two trainings alternate step by step in one process (a plain step runs at the end of
-each of the pipeline's steps), so the jitter of a shared machine hits both alike; the
-figures are totals over the epochs after a warm-up epoch, validation and checkpointing
-left out. On a GPU each step ends with a synchronisation, which the timing needs.
+Each training alternates with the plain loop step by step in one process (a plain step runs
+at the end of each of the pipeline's steps), so the jitter of a shared machine hits both
+alike; the figures are totals over the epochs after a warm-up epoch, validation and
+checkpointing left out. Compiling happens in the warm-up epoch: its compile time is what that
+epoch's steps took beyond the steady state's pace. On a GPU each step ends with a
+synchronisation, which the timing needs. `python -m benchmarks.startup` times the entry
+points' start-up.
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ from pipeline.training.optim import build_optimizer
 MNIST_SHAPE = (1, 28, 28)
 
 
-def fake_split(count: int, seed: int = 0) -> Split:
+def fake_split(count: int, seed: int = 0, shape: tuple[int, ...] = MNIST_SHAPE) -> Split:
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (count, *MNIST_SHAPE), dtype=torch.uint8, generator=generator)
+    images = torch.randint(0, 256, (count, *shape), dtype=torch.uint8, generator=generator)
     return Split(images, torch.randint(0, 10, (count,), generator=generator), torch.arange(count))
 
 
@@ -58,11 +62,21 @@ def bench_load(directory: Path, repeats: int = 5) -> list[float]:
     return times
 
 
-def training_config(batch_size: int, directory: Path, epochs: int, device: str) -> TrainJob:
-    """The MNIST LeNet-5 training, `epochs` epochs after a warm-up one, all files in `directory`."""
+def training_config(
+    batch_size: int,
+    directory: Path,
+    epochs: int,
+    device: str,
+    compile: bool = False,
+    model: str = "lenet5",
+    dataset: str = "mnist",
+) -> TrainJob:
+    """The training of `model` on `dataset`, `epochs` epochs after a warm-up one, all files in
+    `directory`."""
     overrides = [
-        "model=lenet5",
-        "dataset=mnist",
+        f"model={model}",
+        f"dataset={dataset}",
+        f"trainer.compile={compile}",
         "dataset.val_size=1000",
         f"data.batch_size={batch_size}",
         f"paths.data_dir={directory}",
@@ -76,13 +90,14 @@ def training_config(batch_size: int, directory: Path, epochs: int, device: str) 
 
 
 def write_dataset(cfg: TrainJob, train_images: int) -> None:
-    """MNIST-shaped random data where the config's training reads it."""
+    """Random data of the dataset's shape where the config's training reads it."""
     directory = cfg.paths.processed_dir(cfg.dataset.name)
     directory.mkdir(parents=True, exist_ok=True)
+    shape = cfg.dataset.shape
     splits = {
-        "train": fake_split(train_images),
-        "val": fake_split(cfg.dataset.val_size, 1),
-        "test": fake_split(1000, 2),
+        "train": fake_split(train_images, 0, shape),
+        "val": fake_split(cfg.dataset.val_size, 1, shape),
+        "test": fake_split(1000, 2, shape),
     }
     for name, split in splits.items():
         save_split(directory, name, split)
@@ -99,7 +114,8 @@ class PlainLoop:
         self.network = build_model(cfg.model, cfg.dataset).to(device)
         self.optimizer = build_optimizer(self.network.parameters(), cfg.optimizer)
         meta = read_meta(directory)
-        self.mean, self.std = meta["train_mean"][0] * 255, meta["train_std"][0] * 255
+        self.mean = torch.tensor(meta["train_mean"], device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(meta["train_std"], device=device).view(1, -1, 1, 1) * 255
         epochs = (Batches(split, cfg.data.batch_size, shuffle=True) for _ in itertools.count())
         self.batches = itertools.chain.from_iterable(epochs)
 
@@ -122,9 +138,11 @@ class Interleave(L.Callback):
         self.plain = plain
         self.seconds = {"pipeline": 0.0, "plain": 0.0}
         self.images = 0
+        self.warmup = (0.0, 0)  # the warm-up epoch's pipeline seconds and images
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == 1:  # epoch 0 was the warm-up
+            self.warmup = (self.seconds["pipeline"], self.images)
             self.seconds = dict.fromkeys(self.seconds, 0.0)
             self.images = 0
         self.mark = self.now(pl_module.device)
@@ -145,6 +163,15 @@ class Interleave(L.Callback):
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def rate(self, side: str) -> float:
+        """Steady-state images/s of the pipeline or the plain loop."""
+        return self.images / self.seconds[side]
+
+    def warmup_excess(self) -> float:
+        """Seconds the warm-up epoch's steps took beyond the steady pace: compiling, mostly."""
+        seconds, images = self.warmup
+        return seconds - images / self.rate("pipeline")
+
 
 def bench_training(cfg: TrainJob, output_dir: Path) -> Interleave:
     """The training of `cfg`, each of its steps followed by a plain one."""
@@ -160,34 +187,48 @@ def main() -> None:
     )
     parser.add_argument("--images", type=int, default=20_000, help="training images per epoch")
     parser.add_argument("--epochs", type=int, default=4, help="timed epochs (plus a warm-up)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         times = bench_load(directory)
-        timed: dict[int, Interleave] = {}
+        timed: dict[int, dict[bool, Interleave]] = {}
         for batch_size in args.batch_sizes:
-            cfg = training_config(batch_size, directory, args.epochs, args.device)
-            write_dataset(cfg, args.images)
-            timed[batch_size] = bench_training(cfg, directory / f"batch-{batch_size}")
+            for compile in (False, True):
+                cfg = training_config(batch_size, directory, args.epochs, args.device, compile)
+                write_dataset(cfg, args.images)
+                run_dir = directory / f"batch-{batch_size}-compile-{compile}"
+                timed.setdefault(batch_size, {})[compile] = bench_training(cfg, run_dir)
     print(  # after the trainings' own output
         f"\nload 70,000 x 1 x 28 x 28 uint8 split: median {statistics.median(times) * 1e3:.1f} ms "
         f"(first {times[0] * 1e3:.1f} ms, best {min(times) * 1e3:.1f} ms)"
     )
-    print(report(timed, args.device, args.epochs))
+    print(report(timed, args.device, args.epochs, args.images))
 
 
-def report(timed: dict[int, Interleave], device: str, epochs: int) -> str:
-    """A table of images/s of the pipeline and the plain loop, and their ratio, per batch size."""
+def report(timed: dict[int, dict[bool, Interleave]], device: str, epochs: int, images: int) -> str:
+    """Images/s per batch size of the plain eager loop (over both trainings' steps), the
+    pipeline eager and compiled (ratios: to the plain steps interleaved with each), and the
+    compiled training's compile time."""
     lines = [
-        f"LeNet-5 training on {device}, {torch.get_num_threads()} threads, {epochs} timed epochs, "
-        "interleaved step by step:",
-        f"{'batch':>7} {'pipeline img/s':>16} {'plain loop img/s':>18} {'ratio':>7}",
+        f"LeNet-5 training on {device}, {torch.get_num_threads()} threads, {epochs} timed epochs "
+        f"of {images:,} images, interleaved step by step with a plain eager loop:",
+        f"{'batch':>6} {'plain eager img/s':>18} {'pipeline eager':>15} {'ratio':>6} "
+        f"{'pipeline compiled':>18} {'ratio':>6} {'compile s':>10}",
     ]
-    for batch_size, interleave in timed.items():
-        pipeline, plain = (interleave.images / interleave.seconds[k] for k in ("pipeline", "plain"))
-        lines.append(f"{batch_size:>7} {pipeline:>16,.0f} {plain:>18,.0f} {pipeline / plain:>7.3f}")
+    for batch_size, runs in timed.items():
+        eager, compiled = runs[False], runs[True]
+        plain = sum(r.images for r in runs.values()) / sum(
+            r.seconds["plain"] for r in runs.values()
+        )
+        lines.append(
+            f"{batch_size:>6} {plain:>18,.0f} {eager.rate('pipeline'):>15,.0f} "
+            f"{eager.rate('pipeline') / eager.rate('plain'):>6.2f} "
+            f"{compiled.rate('pipeline'):>18,.0f} "
+            f"{compiled.rate('pipeline') / compiled.rate('plain'):>6.2f} "
+            f"{compiled.warmup_excess():>10.1f}"
+        )
     return "\n".join(lines)
 
 
