@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from filelock import FileLock
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import mask_password
@@ -56,3 +57,14 @@ def open_store(tracking_uri: str) -> MlflowClient:
         client = tracking_client(tracking_uri)
         client.search_experiments(max_results=1)
     return client
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created if missing (also when another process just did)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created meanwhile by a concurrent process
+        return client.get_experiment_by_name(name).experiment_id
