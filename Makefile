@@ -52,10 +52,23 @@ test-fast: install
 
 # Offline: the DVC pipeline on the real digits data (LeNet-5 x fc/gap/spp and LeCun 1998),
 # a small parallel sweep grouped under one MLflow parent run, then the results table.
+# The trainings are small, so they share the cores as one-thread processes, all at once: two
+# lanes of `dvc repro -s` (DVC unlocks the repository while a stage's command runs; -s: a lane
+# leaves the shared upstream stages, done first, alone) take the digits runs in turn, beside
+# the sweep's two trials at a time. Each writes to logs/.
 demo: install
-	dvc repro --glob 'evaluate@digits-*'
+	dvc repro preprocess@digits
+	@mkdir -p logs; export OMP_NUM_THREADS=1; \
 	python -m pipeline.train -m experiment=digits model.head=fc,gap,spp trainer.max_epochs=15 \
-		hydra/launcher=joblib hydra.launcher.n_jobs=2
+		hydra/launcher=joblib hydra.launcher.n_jobs=2 > logs/sweep.log 2>&1 & sweep=$$!; \
+	echo "training the digits runs (logs/digits-*.log) and the sweep (logs/sweep.log)"; \
+	dvc stage list --name-only | sed -n 's/^train@\(digits-.*\)/\1/p' | xargs -P 2 -n 1 sh -c \
+		'{ dvc --wait-for-lock repro -s "train@$$0" && dvc --wait-for-lock repro -s \
+		"evaluate@$$0"; } > "logs/$$0.log" 2>&1 && echo "  done: $$0" \
+		|| { tail -n 20 "logs/$$0.log"; exit 1; }'; lanes=$$?; \
+	wait $$sweep || { tail -n 20 logs/sweep.log; exit 1; }; \
+	grep -h "sweep best" logs/sweep.log | sed 's/^.*sweep best/  sweep best/'; \
+	test $$lanes = 0
 	python -m pipeline.report
 
 lint: install
@@ -66,8 +79,10 @@ format: install
 	ruff check --fix .
 	ruff format .
 
+# training speed (pipeline eager and compiled against a plain loop), then entry points' start-up
 bench: install
 	python -m benchmarks.bench
+	python -m benchmarks.startup
 
 # The GPU path on a bare, offline GPU machine with its own torch (benchmarks/gpu_check.py):
 # `make gpu-wheels` here saves what such a machine lacks into .whl/ (benchmarks/gpu_wheels.py);

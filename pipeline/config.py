@@ -7,7 +7,8 @@ Each dataclass holds its keys' defaults, written once: `conf/*.yaml` extend the 
 hold only what differs. Hydra type-checks while it composes; `validate` then builds the
 dataclasses, whose `__post_init__` checks ranges and names, so a typo or a bad value stops the
 run before any data moves, with a message that names the key and what is allowed. Names that
-select a builder (backbone, head, data source) are checked against the builders' registries.
+select a builder (backbone, head, data source) are declared here as data, the one list the
+builders' registries accept: this module imports no torch, so a bad config fails in a moment.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def validate(cfg: DictConfig, schema: type[T]) -> T:
 
 # --- data ----------------------------------------------------------------------------------
 
+# raw-data sources (pipeline.data.sources): torchvision dataset classes, and the offline digits
+SOURCE_NAMES = ("MNIST", "FashionMNIST", "CIFAR10", "sklearn_digits")
+
 
 @dataclass
 class DatasetConfig:
@@ -85,9 +89,7 @@ class DatasetConfig:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
-        from pipeline.data.sources import SOURCES  # registered where they are defined
-
-        one_of(self.source, "dataset.source", SOURCES)
+        one_of(self.source, "dataset.source", SOURCE_NAMES)
         one_of(self.channels, "dataset.channels", (1, 3))
         for key in ("height", "width"):
             value = getattr(self, key)
@@ -179,6 +181,9 @@ class BatchConfig:
 
 # --- model ---------------------------------------------------------------------------------
 
+# the builders' names (pipeline.models.backbones, pipeline.models.heads)
+BACKBONE_NAMES = ("lenet5", "lenet5_keras", "lenet5_classic", "alexnet")
+HEAD_NAMES = ("fc", "gap", "spp")
 ACTIVATIONS = ("relu", "tanh", "scaled_tanh", "sigmoid")
 # trainable: LeCun's subsampling, the 2x2 sum times a coefficient plus a bias, per map
 POOLINGS = ("max", "avg", "trainable")
@@ -227,10 +232,8 @@ class ModelConfig:
     width: float | None = None
 
     def __post_init__(self) -> None:
-        from pipeline.models import BACKBONES, HEADS  # registered where they are defined
-
-        one_of(self.backbone, "model.backbone", BACKBONES)
-        one_of(self.head, "model.head", HEADS)
+        one_of(self.backbone, "model.backbone", BACKBONE_NAMES)
+        one_of(self.head, "model.head", HEAD_NAMES)
         one_of(self.activation, "model.activation", ACTIVATIONS, nullable=True)
         one_of(self.pooling, "model.pooling", POOLINGS, nullable=True)
         one_of(self.padding_mode, "model.padding_mode", PADDING_MODES)
@@ -278,6 +281,9 @@ class TrainerConfig:
     log_every_n_steps: int = 50
     # Lightning's profiler by name (simple, advanced, pytorch): a report when fitting ends
     profiler: str | None = None
+    # torch.compile the network: faster steps after seconds to minutes of compiling (`make
+    # bench` weighs the two); on in trainer=gpu, off where the compiling would dominate
+    compile: bool = False
 
     def __post_init__(self) -> None:
         one_of(self.profiler, "trainer.profiler", ("simple", "advanced", "pytorch"), True)
@@ -305,6 +311,7 @@ class TrainerConfig:
         """The keys that Lightning's Trainer takes, by the same names."""
         args = asdict(self)
         del args["early_stopping_patience"]  # a callback's setting
+        del args["compile"]  # applied to the network (pipeline.training.fit)
         return args
 
 

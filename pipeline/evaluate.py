@@ -19,7 +19,7 @@ from pipeline.config import EvaluateJob, validate
 from pipeline.data.store import load_split
 from pipeline.evaluation.evaluate import evaluate_run, load_checkpoint
 from pipeline.evaluation.logged_model import register
-from pipeline.tracking.runs import read_run, tracking_client
+from pipeline.tracking.store import read_run, tracking_client
 
 
 @hydra_entry("evaluate")

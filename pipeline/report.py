@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from pipeline.evaluation.figures import Curve, resolution_figure
-from pipeline.tracking.runs import RUN_FILE, read_run, tracking_client
+from pipeline.tracking.store import RUN_FILE, read_run, tracking_client
 
 
 def load_rows(root: Path) -> list[dict]:

@@ -25,12 +25,14 @@ from pipeline.cli import hydra_entry
 from pipeline.config import TrainJob, validate
 from pipeline.errors import PipelineError
 from pipeline.tracking.sweeps import trial_tags
-from pipeline.training.launch import run_training
 
 
 @hydra_entry("config")
 def main(cfg: DictConfig) -> float:
     config = validate(cfg, TrainJob)
+    # after validating: a bad config fails before torch, Lightning and MLflow are imported
+    from pipeline.training.launch import run_training
+
     output_dir = Path(HydraConfig.get().runtime.output_dir)  # train.resume's, when resuming
     score = run_training(config, output_dir, trial_tags())["val/acc_best"]
     if not math.isfinite(score):  # a sweeper must get a score or an error, never NaN

@@ -26,10 +26,12 @@ def test_the_training_and_the_plain_loop_alternate_step_by_step(tmp_path, model)
     assert len(client.get_metric_history(run.info.run_id, "train/loss_epoch")) == 3
     assert run.data.params["data.batch_size"] == "64"
 
-    row = report(model, {64: interleave}, "cpu", epochs=2).splitlines()[-1].replace(",", "")
-    batch, pipeline, plain, ratio = row.split()
-    # images/s are printed as whole numbers: their ratio is exact only to about 1 / plain
-    tolerance = 1 / float(plain) + 1e-3
-    assert batch == "64" and float(ratio) == pytest.approx(
-        float(pipeline) / float(plain), abs=tolerance
-    )
+    assert interleave.warmup[1] == 256  # the warm-up epoch, kept apart for the compile time
+
+    # the same Interleave as both columns: each ratio is its pipeline over its plain steps
+    table = report(model, {64: {False: interleave, True: interleave}}, "cpu", epochs=2, images=256)
+    batch, plain, eager, ratio, compiled, compiled_ratio, _ = table.splitlines()[-1].split()
+    assert plain == f"{interleave.rate('plain'):,.0f}"
+    pace = interleave.rate("pipeline") / interleave.rate("plain")
+    assert batch == "64" and float(ratio) == float(compiled_ratio) == pytest.approx(pace, abs=0.01)
+    assert eager == compiled == f"{interleave.rate('pipeline'):,.0f}"

@@ -12,6 +12,9 @@ from omegaconf import OmegaConf
 
 from pipeline.cli import CONF_DIR, compose_config
 from pipeline.config import (
+    BACKBONE_NAMES,
+    HEAD_NAMES,
+    SOURCE_NAMES,
     DatasetConfig,
     EvaluateJob,
     ModelConfig,
@@ -105,3 +108,17 @@ def test_slurm_launcher_sizes_each_trial_job_from_the_trainer():
     assert (launcher.nodes, launcher.tasks_per_node) == (2, 4)
     assert launcher.additional_parameters.requeue and launcher.max_num_timeout > 0
     assert [line.split("=")[0] for line in launcher.setup] == ["export MASTER_ADDR"]
+
+
+def test_declared_names_are_exactly_the_registered_builders():
+    from pipeline.data.sources import SOURCES
+    from pipeline.models import BACKBONES, HEADS
+
+    for registry, names in [
+        (BACKBONES, BACKBONE_NAMES),
+        (HEADS, HEAD_NAMES),
+        (SOURCES, SOURCE_NAMES),
+    ]:
+        assert sorted(registry) == sorted(names)
+    with pytest.raises(ValueError, match=r"not declared in pipeline\.config"):
+        HEADS.add("mlp", HEADS["fc"])

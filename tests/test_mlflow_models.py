@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.data.store import load_split, read_meta, split_path
 from pipeline.evaluation.logged_model import CHAMPION, model_score, register, run_model_id
-from pipeline.tracking.runs import read_run
+from pipeline.tracking.store import read_run
 from pipeline.training.fit import train
 from pipeline.training.module import Classifier
 from tests.conftest import env, train_config

@@ -18,6 +18,7 @@ from torch import nn
 from pipeline.data.store import load_split, read_meta
 from pipeline.errors import ConfigError
 from pipeline.evaluation.evaluate import evaluate, write_reports
+from pipeline.models import ImageClassifier
 from pipeline.training.module import Classifier
 from tests.conftest import REPO, run_training, train_config
 
@@ -35,7 +36,7 @@ class TrainingInputSizes(L.Callback):
             if network.training:
                 self.heights.add(args[0].shape[-2])
 
-        module.network.register_forward_pre_hook(record)
+        module.model.network.register_forward_pre_hook(record)
 
 
 @pytest.mark.slow
@@ -51,9 +52,10 @@ def test_gap_trains_over_the_size_range_and_fc_at_its_one_size(
         assert seen.heights == {28}
 
 
-def module_for(model: str, data_dir: Path, *overrides: str) -> Classifier:
+def module_for(model: str, data_dir: Path, *overrides: str) -> ImageClassifier:
+    """The untrained classifier a training of `model` starts from."""
     cfg = train_config(f"model={model}", f"paths.data_dir={data_dir}", *overrides)
-    return Classifier.from_config(cfg, read_meta(data_dir / "processed" / "digits"))
+    return Classifier.from_config(cfg, read_meta(data_dir / "processed" / "digits")).model
 
 
 def test_a_size_range_below_what_the_network_takes_fails_naming_the_key(data_dir):

@@ -18,8 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
-from pipeline.tracking.runs import read_run
 from pipeline.tracking.server import LocalPostgres, postgres_bin
+from pipeline.tracking.store import read_run
 from pipeline.tracking.sweeps import PARENT_TAG, SCORE
 from tests.conftest import env, needs
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.runs import read_run
+from pipeline.tracking.store import read_run
 from tests.conftest import SHARED_RUN, cli, env
 from tests.slurm import SlurmCluster
 from tests.test_sweeps import QUICK, assert_parent_records_the_best, sweep_runs, trials

@@ -14,7 +14,7 @@ import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.runs import read_run
+from pipeline.tracking.store import read_run
 from pipeline.tracking.sweeps import PARENT_TAG, SCORE, SWEEP_FILE, TRIALS_FILE
 from tests.conftest import cli, env
 

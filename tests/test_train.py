@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.models import InputShapeError
-from pipeline.tracking.runs import read_run
+from pipeline.tracking.store import read_run
 from pipeline.training.module import Classifier
 from tests.conftest import SHARED_RUN, cli, env, run_module, run_training
 
@@ -67,6 +67,19 @@ def test_run_records_params_metrics_tags_and_artifacts(shared_run):
 def test_same_config_and_seed_give_the_same_metrics(shared_run, tmp_path, data_dir):
     again, _, _ = run_training(tmp_path, data_dir, *SHARED_RUN)
     assert again == shared_run[0]
+
+
+def test_compiled_training_reaches_the_eager_accuracy(shared_run, tmp_path, data_dir):
+    eager = shared_run[0]
+    compiled, output_dir, _ = run_training(
+        tmp_path, data_dir, *SHARED_RUN, "trainer.compile=true", "train.evaluate=false"
+    )
+    # the same steps in other kernels: equal up to rounding, so within noise after 5 epochs
+    assert compiled["val/acc_best"] == pytest.approx(eager["val/acc_best"], abs=0.02)
+    assert compiled["test/acc"] == pytest.approx(eager["test/acc"], abs=0.02)
+    # the checkpoint holds the eager model's keys: evaluate restores it without compiling
+    weights = torch.load(output_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert all(key.startswith("model.network.") for key in weights["state_dict"])
 
 
 def test_evaluate_reloads_the_checkpoint_weights_only(shared_run, data_dir):

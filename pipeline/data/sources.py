@@ -2,24 +2,26 @@
 
 Downloading, checksums and archive handling are torchvision's: a source only points a
 torchvision dataset class at one mirror with the md5s from the config, then reads the
-decoded arrays it exposes (no per-sample PIL work).
+decoded arrays it exposes (no per-sample PIL work). torch, numpy and torchvision are imported
+where they are used: the fetch stage of the offline digits needs none of them.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import shutil
 from abc import ABC, abstractmethod
 from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-from pipeline.config import DatasetConfig
+from pipeline.config import SOURCE_NAMES, DatasetConfig
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RawData(NamedTuple):
@@ -46,7 +48,7 @@ class RawSource(ABC):
         """Read the files written by `download` as tensors."""
 
 
-SOURCES: Registry[RawSource] = Registry("data source")
+SOURCES: Registry[RawSource] = Registry("data source", SOURCE_NAMES)
 
 
 def register_source(*names: str):
@@ -128,6 +130,8 @@ class CifarSource(TorchvisionSource):
         }
 
     def _tensors(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
         return images, torch.tensor(dataset.targets, dtype=torch.long)
 
@@ -136,28 +140,34 @@ class CifarSource(TorchvisionSource):
 class DigitsSource(RawSource):
     """scikit-learn's bundled UCI handwritten digits: 1,797 real 8x8 images, no network.
 
-    `download` copies the bundle verbatim (grey levels 0-16) to .npy files, so the md5s in
-    the config pin the exact data; `load` frames each digit like MNIST does: the 8x8 image is
-    upscaled bilinearly into the central 20/28 of the frame, grey levels mapped to 0-255.
+    `download` copies the bundled file that `sklearn.datasets.load_digits` reads (one CSV row
+    per image: 64 grey levels 0-16, then the label) verbatim, found among the installed
+    distribution's files rather than by importing scikit-learn (which takes as long as torch
+    does), so the md5 in the config pins the exact data. `load` frames each digit like MNIST
+    does: the 8x8 image is upscaled bilinearly into the central 20/28 of the frame, grey levels
+    mapped to 0-255.
     """
 
     offline = True
-    files = ("digits_images.npy", "digits_labels.npy")
+    file = "digits.csv.gz"
 
     def download(self, cfg: DatasetConfig, mirror: str, root: Path) -> None:
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()
-        np.save(root / self.files[0], bunch.images.astype(np.uint8))
-        np.save(root / self.files[1], bunch.target.astype(np.int64))
+        bundled = [f for f in importlib.metadata.files("scikit-learn") or [] if f.name == self.file]
+        if not bundled:
+            raise FileNotFoundError(f"the installed scikit-learn has no {self.file}")
+        shutil.copyfile(bundled[0].locate(), root / self.file)
 
     def load(self, cfg: DatasetConfig, root: Path) -> RawData:
-        images = torch.from_numpy(np.load(root / self.files[0])).unsqueeze(1).float()
-        labels = torch.from_numpy(np.load(root / self.files[1]))
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        rows = torch.from_numpy(np.loadtxt(root / self.file, delimiter=",", dtype=np.int64))
+        images, labels = rows[:, :-1].view(-1, 1, 8, 8).float(), rows[:, -1]
         box = (round(cfg.height * 20 / 28), round(cfg.width * 20 / 28))
         digits = F.interpolate(images * (255 / 16), size=box, mode="bilinear", align_corners=False)
         top, left = (cfg.height - box[0]) // 2, (cfg.width - box[1]) // 2
         bottom, right = cfg.height - box[0] - top, cfg.width - box[1] - left
         framed = F.pad(digits, (left, right, top, bottom))
         framed = framed.round().clamp(0, 255).to(torch.uint8).expand(-1, cfg.channels, -1, -1)
-        return RawData(framed.contiguous(), labels, None, None)
+        return RawData(framed.contiguous(), labels.contiguous(), None, None)

@@ -2,7 +2,8 @@
 
 Images are uint8 `N x C x H x W`, labels int64, and `index` the row each image had in the
 source split it came from (so any sample can be traced back to the raw files). Loading is a
-single `torch.load` per split: no per-sample work.
+single `torch.load` per split: no per-sample work. torch is imported by the functions that
+save and load: the fetch stage uses `atomic_directory` alone.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"
@@ -59,10 +61,14 @@ def split_path(directory: Path, name: str) -> Path:
 
 
 def save_split(directory: Path, name: str, split: Split) -> None:
+    import torch
+
     torch.save(split._asdict(), split_path(directory, name))
 
 
 def load_split(directory: Path, name: str) -> Split:
+    import torch
+
     return Split(**torch.load(split_path(directory, name), weights_only=True))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import EvaluationConfig
+from pipeline.config import DatasetConfig, EvaluationConfig, ModelConfig
 from pipeline.data.augment import resize
 from pipeline.data.store import Split
 from pipeline.errors import PipelineError
@@ -29,8 +29,8 @@ from pipeline.evaluation.figures import (
     misclassified_figure,
     resolution_figure,
 )
-from pipeline.tracking.runs import RUN_FILE, read_run, tracking_client
-from pipeline.training.module import Classifier
+from pipeline.models import ImageClassifier, build_model
+from pipeline.tracking.store import RUN_FILE, read_run, tracking_client
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ class Evaluation:
 
 
 @torch.no_grad()
-def predict(module: Classifier, images: torch.Tensor, batch_size: int, size: int | None = None):
+def predict(
+    module: ImageClassifier, images: torch.Tensor, batch_size: int, size: int | None = None
+):
     """Predicted classes; at `size` x `size` if given (FC networks: and back to their own)."""
     network = module.network
     own = network.expected_input[-1]
@@ -63,7 +65,9 @@ def predict(module: Classifier, images: torch.Tensor, batch_size: int, size: int
     return torch.cat(predictions)
 
 
-def evaluate(module: Classifier, test: Split, scales: list[float], batch_size: int) -> Evaluation:
+def evaluate(
+    module: ImageClassifier, test: Split, scales: list[float], batch_size: int
+) -> Evaluation:
     module.eval()
     classes = len(module.dataset_cfg.classes)
     labels = test.labels.cpu()
@@ -97,7 +101,7 @@ def evaluate(module: Classifier, test: Split, scales: list[float], batch_size: i
 
 
 def write_reports(
-    evaluation: Evaluation, module: Classifier, test: Split, out_dir: Path
+    evaluation: Evaluation, module: ImageClassifier, test: Split, out_dir: Path
 ) -> list[Path]:
     """metrics.json, DVC plot data and PNG figures in `out_dir`; returns the files."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -157,15 +161,28 @@ def log_to_run(run_dir: Path, files: list[Path], evaluation: Evaluation) -> None
     client.log_metric(run["run_id"], "test/min_input_size", evaluation.min_input_size)
 
 
-def load_checkpoint(path: Path) -> Classifier:
+def load_checkpoint(path: Path) -> ImageClassifier:
+    """The classifier a training's Lightning checkpoint holds (pipeline.training.module keeps
+    it as `model`, built from the checkpoint's plain hyperparameters), read without Lightning."""
     if not path.is_file():
         raise PipelineError(f"no checkpoint at {path}: train first (python -m pipeline.train)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Classifier.load_from_checkpoint(path, map_location=device, weights_only=True)
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    dataset = DatasetConfig(**hparams["dataset"])
+    network = build_model(ModelConfig(**hparams["model"]), dataset)
+    model = ImageClassifier(network, dataset, hparams["mean"], hparams["std"])
+    weights = {
+        key.removeprefix("model."): value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith("model.")
+    }
+    model.load_state_dict(weights)
+    return model.to(device)
 
 
 def evaluate_run(
-    module: Classifier, test: Split, cfg: EvaluationConfig, out_dir: Path, run_dir: Path
+    module: ImageClassifier, test: Split, cfg: EvaluationConfig, out_dir: Path, run_dir: Path
 ) -> Evaluation:
     """Evaluate `module` on `test`, write the reports to `out_dir` and log them to the MLflow
     run of the training in `run_dir` (when it has one)."""

@@ -54,8 +54,8 @@ OUTPUTS = Schema(
 
 def signature(module: Classifier) -> ModelSignature:
     """uint8 N x C x H x W in, H and W free (-1) unless the head needs its training size."""
-    channels, height, width = module.network.expected_input
-    if not module.network.fixed_size:
+    channels, height, width = module.model.network.expected_input
+    if not module.model.network.fixed_size:
         height = width = -1
     inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, height, width))])
     return ModelSignature(inputs, OUTPUTS)
@@ -79,11 +79,11 @@ def log_model(
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {"config": Path(tmp, "config.json"), "weights": Path(tmp, "weights.pt")}
         artifacts["config"].write_text(json.dumps(config, indent=2) + "\n")
-        torch.save(module.network.state_dict(), artifacts["weights"])
+        torch.save(module.model.network.state_dict(), artifacts["weights"])
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id):
             info = mlflow.pyfunc.log_model(
-                name=f"{module.network.name}-{module.dataset_cfg.name}",
+                name=f"{module.model.network.name}-{module.dataset_cfg.name}",
                 python_model=package / "evaluation" / "served_model.py",
                 artifacts={key: str(path) for key, path in artifacts.items()},
                 code_paths=[str(package)],
@@ -92,7 +92,7 @@ def log_model(
                 pip_requirements=[
                     f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS
                 ],
-                tags={"checkpoint": checkpoint, "network": module.network.name},
+                tags={"checkpoint": checkpoint, "network": module.model.network.name},
                 step=step,
             )
     return info.model_id

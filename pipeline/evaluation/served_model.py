@@ -12,11 +12,10 @@ import torch
 from mlflow.models import set_model
 
 from pipeline.config import DatasetConfig, ModelConfig
-from pipeline.models import build_model
-from pipeline.models.layers import Standardize
+from pipeline.models import ImageClassifier, build_model
 
 
-class ImageClassifier(mlflow.pyfunc.PythonModel):
+class ServedClassifier(mlflow.pyfunc.PythonModel):
     """The network rebuilt from the artifacts config.json (its ModelConfig and DatasetConfig,
     the training split's mean and std) and weights.pt (its state dict)."""
 
@@ -26,8 +25,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         network = build_model(ModelConfig(**config["model"]), dataset)
         network.load_state_dict(torch.load(context.artifacts["weights"], weights_only=True))
         self.classes = list(dataset.classes)
-        self.model = torch.nn.Sequential(Standardize(config["mean"], config["std"]), network)
-        self.model.eval()
+        self.model = ImageClassifier(network, dataset, config["mean"], config["std"]).eval()
 
     def predict(self, context, model_input, params=None):
         """uint8 images N x C x H x W -> a row per image: class index, name, probabilities."""
@@ -43,4 +41,4 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         )
 
 
-set_model(ImageClassifier())
+set_model(ServedClassifier())

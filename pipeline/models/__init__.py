@@ -3,7 +3,7 @@
 Importing the package registers every builder, so `BACKBONES` and `HEADS` are complete."""
 
 from pipeline.models.backbones import BACKBONES
-from pipeline.models.build import InputShapeError, Network, build_model
+from pipeline.models.build import ImageClassifier, InputShapeError, Network, build_model
 from pipeline.models.heads import HEADS
 
-__all__ = ["BACKBONES", "HEADS", "InputShapeError", "Network", "build_model"]
+__all__ = ["BACKBONES", "HEADS", "ImageClassifier", "InputShapeError", "Network", "build_model"]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig, require
+from pipeline.config import BACKBONE_NAMES, ModelConfig, require
 from pipeline.models.banks import bank
 from pipeline.models.geometry import Shape
 from pipeline.models.layers import ConnectionTableConv2d, TrainableSubsampling, activation
@@ -63,7 +63,7 @@ class BackboneEntry:
     fc_name: str
 
 
-BACKBONES: Registry[BackboneEntry] = Registry("backbone")
+BACKBONES: Registry[BackboneEntry] = Registry("backbone", BACKBONE_NAMES)
 
 
 def register_backbone(

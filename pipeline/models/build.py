@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from pipeline.config import DatasetConfig, ModelConfig
@@ -80,6 +82,33 @@ class Network(nn.Module):
     def first_conv(self) -> nn.Conv2d:
         """The layer whose kernels face the image (learned or a classical bank), for plots."""
         return next(m for m in self.backbone.modules() if isinstance(m, nn.Conv2d))
+
+
+class ImageClassifier(nn.Module):
+    """A network behind its training split's normalisation: raw 0-255 images (uint8 or float)
+    in, class scores out, so a trained model needs nothing else to classify images. Lightning's
+    module trains one; evaluation restores one from a checkpoint without Lightning."""
+
+    def __init__(
+        self,
+        network: Network,
+        dataset_cfg: DatasetConfig,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.dataset_cfg = dataset_cfg
+        # from the data's meta.json (kept in the checkpoint's hyperparameters), not the weights
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.network((images.float() - self.mean) / self.std)
 
 
 def build_model(model: ModelConfig, dataset: DatasetConfig) -> Network:

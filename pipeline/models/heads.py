@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pipeline.config import ModelConfig
+from pipeline.config import HEAD_NAMES, ModelConfig
 from pipeline.models.geometry import Shape
 from pipeline.models.layers import GlobalAvgPool, RBFOutput, SpatialPyramidPool, activation
 from pipeline.registry import Registry
@@ -38,7 +38,7 @@ class HeadEntry:
     fixed_size: bool
 
 
-HEADS: Registry[HeadEntry] = Registry("head")
+HEADS: Registry[HeadEntry] = Registry("head", HEAD_NAMES)
 
 
 def register_head(name: str, fixed_size: bool) -> Callable[[BuildHead], BuildHead]:

@@ -20,21 +20,6 @@ class ScaledTanh(nn.Module):
         return 1.7159 * torch.tanh(x * (2.0 / 3.0))
 
 
-class Standardize(nn.Module):
-    """Raw 0-255 images (uint8 or float) to zero mean and unit variance per channel, with the
-    training split's statistics (on the 0-1 scale, as preprocessing records them). It comes
-    first in training and in the served model alike, so both see the same inputs."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        # not in the state dict: they are config (the data's meta.json), not learned
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
-
-    def forward(self, images: Tensor) -> Tensor:
-        return (images.float() - self.mean) / self.std
-
-
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,

@@ -11,36 +11,31 @@ while the training fits.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
-import os
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import lightning as L
 import mlflow
 import numpy as np
 import yaml
-from filelock import FileLock
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.data.schema import TensorDatasetSchema
 from mlflow.entities import Dataset, DatasetInput, InputTag
-from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 
 from pipeline.config import mask_password
 from pipeline.data.store import SPLITS, split_path
+from pipeline.tracking.store import RUN_FILE, credentials_to_environment
 
-RUN_FILE = "run.json"
 # model training, as opposed to GenAI: the UI shows such an experiment's runs, models, datasets
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
@@ -70,44 +65,6 @@ def git_commit(directory: Path) -> str:
 
 def run_name(backbone: str, head: str, dataset: str) -> str:
     return f"{backbone}-{head}-{dataset}-{uuid.uuid4().hex[:6]}"
-
-
-def read_run(output_dir: Path) -> dict[str, str]:
-    """run.json: the run id, and the store's URI (password masked: it comes back from the
-    MLFLOW_TRACKING_URI environment variable when that names the same store)."""
-    run = json.loads((output_dir / RUN_FILE).read_text())
-    configured = os.environ.get("MLFLOW_TRACKING_URI")
-    if configured and mask_password(configured) == run["tracking_uri"]:
-        run["tracking_uri"] = configured
-    return run
-
-
-def tracking_client(tracking_uri: str) -> MlflowClient:
-    """A client of the store at `tracking_uri`. A user and password in the URI become MLflow's
-    own MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (here and in child processes),
-    so no URL that MLflow prints or stores carries them."""
-    return MlflowClient(credentials_to_environment(tracking_uri))
-
-
-def credentials_to_environment(tracking_uri: str) -> str:
-    parts = urlsplit(tracking_uri)
-    if parts.password is None:
-        return tracking_uri
-    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-def open_store(tracking_uri: str) -> MlflowClient:
-    """A client of the tracking store, which it creates if new. Processes that start together
-    take turns at a sqlite file: two creating its tables at once leave a broken schema."""
-    database = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:") else ""
-    if database:
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{database}.lock") if database else contextlib.nullcontext():
-        client = tracking_client(tracking_uri)
-        client.search_experiments(max_results=1)
-    return client
 
 
 def dataset_inputs(meta: Mapping[str, Any], directory: Path) -> list[DatasetInput]:

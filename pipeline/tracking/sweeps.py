@@ -9,6 +9,10 @@ best trial (the settings the sweep chose as `best.*` params, its `val/acc_best`)
 `trials.jsonl` (every trial: status, score or error, run id, overrides) and closes; a sweep that
 stops on a failure closes its parent as FAILED. A trial whose ranks are SLURM tasks
 (`hydra/launcher=slurm`) runs the whole Hydra job in each: only rank 0 records it.
+
+MLflow is imported by the methods that talk to it: Hydra instantiates this callback for every
+run, sweep or not, before the config is validated, and a typo should fail without waiting
+for it.
 """
 
 from __future__ import annotations
@@ -27,11 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
-
-from pipeline.tracking.runs import RUN_FILE, open_store, read_run, tracking_client
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +65,6 @@ def global_rank() -> int:
 
 def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created if missing (also when another process just did)."""
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # created meanwhile by a concurrent sweep
-        return client.get_experiment_by_name(name).experiment_id
 
 
 def trial_tags() -> dict[str, str]:
@@ -129,6 +118,8 @@ class SweepTracking(Callback):
         self.closed = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from pipeline.tracking.store import experiment_id, open_store
+
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         uri, name = config.mlflow.tracking_uri, config.mlflow.experiment
@@ -165,6 +156,8 @@ class SweepTracking(Callback):
         hydra = config.hydra
         if hydra.mode != RunMode.MULTIRUN or global_rank() != 0:
             return
+        from pipeline.tracking.store import RUN_FILE, read_run, tracking_client
+
         output_dir = Path(hydra.runtime.output_dir)
         run = read_run(output_dir) if (output_dir / RUN_FILE).is_file() else None
         completed = job_return.status == JobStatus.COMPLETED
@@ -193,6 +186,8 @@ class SweepTracking(Callback):
         if self.closed or self.sweep_file is None:
             return
         self.closed = True
+        from pipeline.tracking.store import tracking_client
+
         parent = json.loads(self.sweep_file.read_text())
         client = tracking_client(parent["tracking_uri"])
         parent_id = parent["run_id"]

@@ -26,17 +26,15 @@ from pipeline.evaluation.evaluate import evaluate_run
 from pipeline.evaluation.logged_model import log_model
 from pipeline.models.summary import describe
 from pipeline.tracking.runs import (
-    RUN_FILE,
     EpochHistory,
     RunRecorder,
     SystemMetrics,
-    credentials_to_environment,
     dataset_inputs,
     git_commit,
-    read_run,
     run_logger,
     run_name,
 )
+from pipeline.tracking.store import RUN_FILE, credentials_to_environment, read_run
 from pipeline.training.callbacks import ProgressBar, StopOnDivergence
 from pipeline.training.module import Classifier
 
@@ -62,6 +60,9 @@ def train(
     output_dir.mkdir(parents=True, exist_ok=True)
     datamodule = open_data(cfg)
     module = Classifier.from_config(cfg, datamodule.meta)
+    if cfg.trainer.compile:
+        # in place (torch.nn.Module.compile): the checkpoint keeps the eager model's keys
+        module.model.compile()
     checkpoint, run_id = continued_from(cfg, output_dir)
     name = run_name(cfg.model.backbone, cfg.model.head, cfg.dataset.name)
     logger = run_logger(
@@ -109,12 +110,12 @@ def build_callbacks(
     divergence = StopOnDivergence()
     recorder = RunRecorder(
         asdict(cfg),
-        describe(module.network),
+        describe(module.model.network),
         tags={
             "git_commit": git_commit(Path.cwd()),
             "data_sha256": meta["sha256"],
             "output_dir": str(output_dir.resolve()),
-            "model": module.network.name,
+            "model": module.model.network.name,
         },
         datasets=dataset_inputs(meta, cfg.paths.processed_dir(cfg.dataset.name)),
         output_dir=output_dir,
@@ -156,7 +157,7 @@ def record(
     if not cfg.train.evaluate:
         return {}
     test = datamodule.splits["test"]
-    evaluation = evaluate_run(module, test, cfg.evaluation, output_dir / "eval", output_dir)
+    evaluation = evaluate_run(module.model, test, cfg.evaluation, output_dir / "eval", output_dir)
     return {f"test/acc_at_{r['size']}px": r["accuracy"] for r in evaluation.resolution}
 
 

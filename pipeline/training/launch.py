@@ -28,7 +28,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from pipeline.config import TrainJob
 from pipeline.errors import PipelineError
-from pipeline.tracking.runs import open_store
+from pipeline.tracking.store import experiment_id, open_store
 from pipeline.training.fit import open_data, train
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ def run_training(cfg: TrainJob, output_dir: Path, run_tags: Mapping[str, str]) -
     """Train here, or as `trainer.devices` DDP ranks on this node; returns rank 0's metrics
     (on nodes other than node 0: their first rank's)."""
     trainer = cfg.trainer
+    # before any rank: processes started together (DDP ranks, SLURM tasks, DVC stages beside a
+    # sweep) take turns creating a new store, and its experiment exists before they log to it
+    experiment_id(open_store(cfg.mlflow.tracking_uri), cfg.mlflow.experiment)
     if SLURMEnvironment.detect():
         return train_as_slurm_task(cfg, output_dir, run_tags)
     if trainer.strategy != "ddp" or trainer.world_size == 1 or TorchElasticEnvironment.detect():
@@ -56,7 +59,6 @@ def run_training(cfg: TrainJob, output_dir: Path, run_tags: Mapping[str, str]) -
         **rendezvous(trainer.num_nodes),
     )
     open_data(cfg)  # a missing or mismatched dataset fails here, before any rank starts
-    open_store(cfg.mlflow.tracking_uri)  # once, before the ranks open it at the same moment
     try:
         results = elastic_launch(launch, train_rank)(cfg, output_dir, dict(run_tags))
     except ChildFailedError as err:
@@ -74,15 +76,13 @@ def train_as_slurm_task(
     """Train as the SLURM task this process is: SLURM starts one per rank, on every node.
 
     The run is tagged with the job and its nodes, and each task says in the log (the trial's,
-    which its tasks share) which rank it is and where it runs. The tasks start together, so
-    they open the tracking store in turns."""
+    which its tasks share) which rank it is and where it runs."""
     job = slurm_job_id()
     nodes = os.environ["SLURM_JOB_NODELIST"]
     rank, tasks = os.environ.get("SLURM_PROCID", "0"), os.environ["SLURM_NTASKS"]
     log.info(
         "SLURM job %s: rank %s of %s on node %s", job, rank, tasks, os.environ["SLURMD_NODENAME"]
     )
-    open_store(cfg.mlflow.tracking_uri)
     return train(cfg, output_dir, {**run_tags, "slurm.job_id": job, "slurm.nodes": nodes})
 
 

@@ -1,9 +1,9 @@
 """The LightningModule: any network of the zoo, trained as a classifier.
 
 Its hyperparameters are plain values (dicts, lists, numbers), so a checkpoint loads with
-`weights_only=True` and rebuilds the same network. Inputs are raw 0-255 images (uint8 or
-float); normalisation with the training split's mean and std is the first step of `forward`,
-so a checkpoint needs nothing else to classify images.
+`weights_only=True` and rebuilds the same network. What it trains is an `ImageClassifier`
+(`self.model`): raw 0-255 images in, normalised with the training split's mean and std, so a
+checkpoint needs nothing else to classify images, and evaluation restores it without Lightning.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from pipeline.config import (
     require,
 )
 from pipeline.data.augment import augment, resize_to_height, training_heights
-from pipeline.models import Network, build_model
-from pipeline.models.layers import Standardize
+from pipeline.models import ImageClassifier, build_model
 from pipeline.training.optim import build_optimizer, build_scheduler
 
 
@@ -57,9 +56,9 @@ class Classifier(L.LightningModule):
         self.augment_cfg = AugmentConfig(**augment)
         self.optimizer_cfg = OptimizerConfig(**optimizer)
         self.scheduler_cfg = SchedulerConfig(**scheduler)
-        self.network: Network = build_model(ModelConfig(**model), self.dataset_cfg)
+        network = build_model(ModelConfig(**model), self.dataset_cfg)
+        self.model = ImageClassifier(network, self.dataset_cfg, mean, std)
         self.train_heights = self._train_heights()
-        self.standardize = Standardize(mean, std)
         classes = len(self.dataset_cfg.classes)
         # nan_strategy="disable": a diverged epoch's loss stays NaN, for StopOnDivergence
         self.train_loss = MeanMetric(nan_strategy="disable")
@@ -86,21 +85,21 @@ class Classifier(L.LightningModule):
         """The range of image heights training draws from: the dataset's alone for a network
         of fixed size (fc heads), else `data.augment.scale_range` of it, checked against the
         smallest input the network accepts."""
-        height = self.dataset_cfg.height
-        if self.network.fixed_size:
+        height, network = self.dataset_cfg.height, self.model.network
+        if network.fixed_size:
             return height, height
         heights = training_heights(height, self.augment_cfg.scale_range)
-        side = self.network.min_input_size
+        side = network.min_input_size
         require(
             heights[0] >= side,
             "data.augment.scale_range",
             self.augment_cfg.scale_range,
-            f"a low end of at least {side / height:.3g}: {self.network.name} takes {side} px up",
+            f"a low end of at least {side / height:.3g}: {network.name} takes {side} px up",
         )
         return heights
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(self.standardize(images))
+        return self.model(images)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         images, labels = batch

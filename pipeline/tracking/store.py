@@ -1,0 +1,70 @@
+"""The tracking store: a client for it, and `run.json`, which points a training's output
+directory at its MLflow run (for `evaluate`, a resumed training and a sweep's records).
+
+Apart from Lightning, so that `evaluate` and Hydra's sweep callback use MLflow without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from filelock import FileLock
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import mask_password
+
+RUN_FILE = "run.json"
+
+
+def read_run(output_dir: Path) -> dict[str, str]:
+    """run.json: the run id, and the store's URI (password masked: it comes back from the
+    MLFLOW_TRACKING_URI environment variable when that names the same store)."""
+    run = json.loads((output_dir / RUN_FILE).read_text())
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if configured and mask_password(configured) == run["tracking_uri"]:
+        run["tracking_uri"] = configured
+    return run
+
+
+def tracking_client(tracking_uri: str) -> MlflowClient:
+    """A client of the store at `tracking_uri`. A user and password in the URI become MLflow's
+    own MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (here and in child processes),
+    so no URL that MLflow prints or stores carries them."""
+    return MlflowClient(credentials_to_environment(tracking_uri))
+
+
+def credentials_to_environment(tracking_uri: str) -> str:
+    parts = urlsplit(tracking_uri)
+    if parts.password is None:
+        return tracking_uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def open_store(tracking_uri: str) -> MlflowClient:
+    """A client of the tracking store, which it creates if new. Processes that start together
+    take turns at a sqlite file: two creating its tables at once leave a broken schema."""
+    database = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:") else ""
+    if database:
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock") if database else contextlib.nullcontext():
+        client = tracking_client(tracking_uri)
+        client.search_experiments(max_results=1)
+    return client
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created if missing (also when another process just did)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created meanwhile by a concurrent process
+        return client.get_experiment_by_name(name).experiment_id
