@@ -7,7 +7,8 @@ training code, and fails loudly:
    test accuracy >= 98%;
 2. the same with `trainer=ddp` on one GPU: an NCCL process group of world size 1;
 3. the benchmark on the GPU: LeNet-5 on MNIST-shaped and AlexNet on CIFAR-shaped data, images/s
-   of the pipeline and of a plain loop side by side (benchmarks/bench.py).
+   of a plain loop and of the pipeline, eager and compiled, side by side (benchmarks/bench.py):
+   whether `trainer=gpu`'s torch.compile pays there.
 The report goes to stdout and, with --out, to a file; the exit status is 1 if a check failed.
 """
 

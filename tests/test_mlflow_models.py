@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.data.store import load_split, read_meta, split_path
+from pipeline.errors import PipelineError
 from pipeline.evaluation.logged_model import CHAMPION, model_score, register, run_model_id
+from pipeline.tracking.server import wait_healthy
 from pipeline.tracking.store import read_run
 from pipeline.training.fit import train
 from pipeline.training.module import Classifier
@@ -185,6 +186,15 @@ def test_evaluate_registers_the_model_of_a_run_in_any_store(gap_run, data_dir, s
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_evaluate_without_the_data_says_how_to_make_it(gap_run, tmp_path):
+    command = [sys.executable, "-m", "pipeline.evaluate", f"run_dir={gap_run[1]}"]
+    command.append(f"paths.data_dir={tmp_path}")
+    result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert "no test split in" in result.stdout and "pipeline.data.preprocess" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -216,16 +226,10 @@ def served(shared_run, gap_run, store, tmp_path) -> Iterator[str]:
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        assert server.poll() is None, log.read_text()[-4000:]
-        assert time.monotonic() < deadline, "no answer after 240 s: " + log.read_text()[-4000:]
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
+    try:
+        wait_healthy(url, server, timeout=240, path="/ping")
+    except PipelineError as error:
+        pytest.fail(f"{error}\n{log.read_text()[-4000:]}")
     yield url
     server.terminate()
     server.wait(timeout=60)

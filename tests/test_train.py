@@ -94,7 +94,8 @@ def test_evaluate_reloads_the_checkpoint_weights_only(shared_run, data_dir):
     assert result.returncode == 0, result.stdout + result.stderr
     evaluated = json.loads((out / "metrics.json").read_text())
     assert evaluated["test_acc"] == pytest.approx(metrics["test/acc"])
-    assert set(evaluated["test_acc_at_size"]) == {"21", "28", "42", "56"}
+    sizes = {"14", "21", "28", "35", "42", "56", "70", "84"}  # evaluation.scales x 28 px
+    assert set(evaluated["test_acc_at_size"]) == sizes
     assert (out / "predictions.csv").read_text().count("\n") == 361  # header + 360 test images
 
 

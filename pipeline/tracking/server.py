@@ -132,18 +132,22 @@ def database(cfg: ServerJob) -> Iterator[tuple[str, Path]]:
         local.stop()
 
 
-def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
+def wait_healthy(
+    url: str, server: subprocess.Popen, timeout: float = 180, path: str = "/health"
+) -> None:
+    """Wait until the MLflow server process `server` answers `url` + `path` (a model server:
+    /ping); fail if it exits or the time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise PipelineError(f"mlflow server exited with status {server.returncode}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            with urllib.request.urlopen(f"{url}{path}", timeout=5) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
-    raise PipelineError(f"mlflow server did not answer {url}/health within {timeout:.0f} s")
+    raise PipelineError(f"mlflow server did not answer {url}{path} within {timeout:.0f} s")
 
 
 def serve(cfg: ServerJob) -> None:
