@@ -4,7 +4,7 @@ Written for a bare GPU machine that has its own CUDA build of torch (what else i
 as wheels: benchmarks/gpu_wheels.py). Each check goes through the pipeline's own configs and
 training code, and fails loudly:
 1. LeNet-5 on the digits data with `trainer=gpu`: bf16 mixed precision, batches on the GPU,
-   test accuracy >= 98%;
+   test accuracy >= 95%;
 2. the same with `trainer=ddp` on one GPU: an NCCL process group of world size 1;
 3. the benchmark on the GPU: LeNet-5 on MNIST-shaped and AlexNet on CIFAR-shaped data, images/s
    of a plain loop and of the pipeline, eager and compiled, side by side (benchmarks/bench.py):
@@ -32,7 +32,9 @@ from pipeline.data.fetch import fetch
 from pipeline.data.preprocess import preprocess
 from pipeline.training.fit import train
 
-MIN_DIGITS_ACCURACY = 0.98
+# a broken GPU path lands near chance (0.1); float32, bf16 and CPU trainings of the same seed
+# differ by a few of the 360 test images
+MIN_DIGITS_ACCURACY = 0.95
 
 
 class Probe(L.Callback):

@@ -100,8 +100,10 @@ def test_offline_profile_end_to_end_then_nothing_to_do(repo_copy: Path):
 
 
 def commit_all(repo: Path, message: str) -> None:
+    """Commit what changed; empty when a test before on the same copy committed it already."""
     sh("git", "add", "-A", cwd=repo)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, cwd=repo)
+    author = ("-c", "user.name=t", "-c", "user.email=t@t")
+    sh("git", *author, "commit", "--allow-empty", "-qm", message, cwd=repo)
 
 
 def test_pushed_results_pull_into_a_fresh_clone_with_nothing_to_rerun(repo_copy: Path):

@@ -42,7 +42,7 @@ CHAMPION = "champion"
 SCORE = "test/acc"  # what the champion is chosen by
 # what loading the model imports (pinned to this environment's versions, so that MLflow need not
 # load the model in a subprocess to infer them)
-REQUIREMENTS = ("mlflow", "torch", "hydra-core", "numpy", "pandas")
+REQUIREMENTS = ("torch", "hydra-core", "numpy", "pandas")
 OUTPUTS = Schema(
     [
         ColSpec("long", "class_index"),
@@ -89,8 +89,10 @@ def log_model(
                 code_paths=[str(package)],
                 signature=signature(module),
                 input_example=example.cpu().numpy(),
+                # mlflow by its module's version: mlflow-skinny installs the same module
                 pip_requirements=[
-                    f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS
+                    f"mlflow=={mlflow.__version__}",
+                    *(f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS),
                 ],
                 tags={"checkpoint": checkpoint, "network": module.model.network.name},
                 step=step,
