@@ -4,8 +4,10 @@ Written for a bare GPU machine that has its own CUDA build of torch (what else i
 as wheels: benchmarks/gpu_wheels.py). Each check goes through the pipeline's own configs and
 training code, and fails loudly:
 1. LeNet-5 on the digits data with `trainer=gpu`: bf16 mixed precision, batches on the GPU,
-   test accuracy >= 95%;
-2. the same with `trainer=ddp` on one GPU: an NCCL process group of world size 1;
+   test accuracy >= 98%;
+2. the same with `trainer=ddp` on one GPU: an NCCL process group of world size 1, a training
+   that learns (>= 95%: float32 on CUDA is not bit-reproducible, and runs of one seed differ by
+   a few of the 360 test images);
 3. the benchmark on the GPU: LeNet-5 on MNIST-shaped and AlexNet on CIFAR-shaped data, images/s
    of a plain loop and of the pipeline, eager and compiled, side by side (benchmarks/bench.py):
    whether `trainer=gpu`'s torch.compile pays there.
@@ -31,10 +33,6 @@ from pipeline.config import PrepareJob, TrainJob
 from pipeline.data.fetch import fetch
 from pipeline.data.preprocess import preprocess
 from pipeline.training.fit import train
-
-# a broken GPU path lands near chance (0.1); float32, bf16 and CPU trainings of the same seed
-# differ by a few of the 360 test images
-MIN_DIGITS_ACCURACY = 0.95
 
 
 class Probe(L.Callback):
@@ -74,14 +72,16 @@ def paths(directory: Path) -> list[str]:
     ]
 
 
-def failures(name: str, seen: dict[str, str], expected: dict[str, str]) -> list[str]:
+def failures(
+    name: str, seen: dict[str, str], expected: dict[str, str], min_accuracy: float
+) -> list[str]:
     wrong = [
         f"{name}: {key} is {seen.get(key)}, not {value}"
         for key, value in expected.items()
         if seen.get(key) != value
     ]
-    if float(seen["test/acc"]) < MIN_DIGITS_ACCURACY:
-        wrong.append(f"{name}: test accuracy {seen['test/acc']} < {MIN_DIGITS_ACCURACY}")
+    if float(seen["test/acc"]) < min_accuracy:
+        wrong.append(f"{name}: test accuracy {seen['test/acc']} < {min_accuracy}")
     return wrong
 
 
@@ -111,15 +111,17 @@ def main() -> None:
             "trainer=gpu": (
                 ["trainer=gpu", *accelerator],
                 {"batch device": "cuda:0", "precision": "bf16-mixed"} if cuda else {},
+                0.98,
             ),
             "trainer=ddp, 1 GPU": (
                 ["trainer=ddp", "trainer.devices=1", *accelerator],
                 {"process group": "nccl x 1" if cuda else "gloo x 1", "strategy": "DDPStrategy"},
+                0.95,
             ),
         }
-        for name, (overrides, expected) in runs.items():
+        for name, (overrides, expected, min_accuracy) in runs.items():
             seen = digits_training(name.split(",")[0].replace("=", "-"), overrides, directory)
-            problems += failures(name, seen, expected)
+            problems += failures(name, seen, expected, min_accuracy)
             lines.append(
                 f"LeNet-5 on digits, {name}: " + ", ".join(f"{k} {v}" for k, v in seen.items())
             )
