@@ -32,6 +32,7 @@ from mlflow.types.schema import Array, ColSpec
 
 import pipeline
 from pipeline.errors import PipelineError
+from pipeline.tracking.store import use_tracking_uri
 
 if TYPE_CHECKING:
     from pipeline.training.module import Classifier
@@ -80,7 +81,7 @@ def log_model(
         artifacts = {"config": Path(tmp, "config.json"), "weights": Path(tmp, "weights.pt")}
         artifacts["config"].write_text(json.dumps(config, indent=2) + "\n")
         torch.save(module.model.network.state_dict(), artifacts["weights"])
-        mlflow.set_tracking_uri(tracking_uri)
+        use_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id):
             info = mlflow.pyfunc.log_model(
                 name=f"{module.model.network.name}-{module.dataset_cfg.name}",
@@ -124,7 +125,7 @@ def register(client: MlflowClient, run_id: str, name: str) -> tuple[ModelVersion
     model_id = run_model_id(client, run_id)
     # MLflow looks a version's source (models:/MODEL_ID) up through the process's tracking URI,
     # not the client's (a TODO in its SqlAlchemyStore.create_model_version)
-    mlflow.set_tracking_uri(client.tracking_uri)
+    use_tracking_uri(client.tracking_uri)
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name, description="best test accuracy: @champion")
     found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")

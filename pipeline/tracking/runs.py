@@ -34,7 +34,7 @@ from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 
 from pipeline.config import mask_password
 from pipeline.data.store import SPLITS, split_path
-from pipeline.tracking.store import RUN_FILE, credentials_to_environment
+from pipeline.tracking.store import RUN_FILE, credentials_to_environment, use_tracking_uri
 
 # model training, as opposed to GenAI: the UI shows such an experiment's runs, models, datasets
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -160,7 +160,7 @@ class SystemMetrics(L.Callback):
             return
         assert isinstance(trainer.logger, MLFlowLogger)
         self.run_id = trainer.logger.run_id
-        mlflow.set_tracking_uri(credentials_to_environment(self.tracking_uri))
+        use_tracking_uri(self.tracking_uri)
         mlflow.start_run(self.run_id, log_system_metrics=True)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import mlflow
 from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -36,6 +37,12 @@ def tracking_client(tracking_uri: str) -> MlflowClient:
     own MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (here and in child processes),
     so no URL that MLflow prints or stores carries them."""
     return MlflowClient(credentials_to_environment(tracking_uri))
+
+
+def use_tracking_uri(tracking_uri: str) -> None:
+    """Point MLflow's fluent API (start_run, log_model, register_model) at the store, with
+    credentials as `tracking_client` passes them."""
+    mlflow.set_tracking_uri(credentials_to_environment(tracking_uri))
 
 
 def credentials_to_environment(tracking_uri: str) -> str:
