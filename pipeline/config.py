@@ -151,11 +151,13 @@ class AugmentConfig:
 
     flip: bool = False
     max_shift: int = 0
-    # multi-size training: each batch is resized by a factor drawn uniformly from [low, high]
-    # (multiples of the dataset's size, like evaluation.scales), so GAP and SPP heads learn
-    # every size they are tested at; fc heads, built for one size, always train at the
-    # dataset's. [1, 1]: one size for every head
-    scale_range: list[float] = field(default_factory=lambda: [0.75, 2.0])
+    # multi-size training: each batch is resized by a factor drawn log-uniformly from
+    # [low, high] (multiples of the dataset's size, like evaluation.scales), so GAP and SPP
+    # heads learn every size they are tested at (0.75x to 2x) and a little below: a range's
+    # end is the size learned least (LeNet-5-SPP on digits at 21 px: 94.4% trained from 21,
+    # 98.1% from 18). fc heads, built for one size, always train at the dataset's.
+    # [1, 1]: one size for every head
+    scale_range: list[float] = field(default_factory=lambda: [0.65, 2.0])
 
     def __post_init__(self) -> None:
         require(0 <= self.max_shift <= 8, "data.augment.max_shift", self.max_shift, "0 to 8")
