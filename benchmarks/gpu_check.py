@@ -10,7 +10,7 @@ training code, and fails loudly:
    a few of the 360 test images);
 3. the benchmark on the GPU: LeNet-5 on MNIST-shaped and AlexNet on CIFAR-shaped data, images/s
    of a plain loop and of the pipeline, eager and compiled, side by side (benchmarks/bench.py):
-   whether `trainer=gpu`'s torch.compile pays there.
+   whether `trainer.compile` pays there.
 The report goes to stdout and, with --out, to a file; the exit status is 1 if a check failed.
 """
 
