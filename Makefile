@@ -97,7 +97,9 @@ gpu-check:
 		--no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl; fi
 	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.gpu_check $(ARGS)
 
+# MLflow 3 opens in its GenAI view unless the address asks for the model-training one
 ui: install
+	@echo "runs: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db
 
 # the team's tracking server (PostgreSQL + proxied artifacts): see README, "Scale out"

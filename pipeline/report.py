@@ -99,7 +99,7 @@ def main() -> None:
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
         path = dataset_figure(args.root, [row for row in rows if row["dataset"] == dataset])
         print(f"accuracy versus input size, {dataset} runs: {path.relative_to(args.root)}")
-    print("MLflow UI on these runs: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
+    print("MLflow UI on these runs: make ui")
 
 
 if __name__ == "__main__":
