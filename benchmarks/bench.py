@@ -85,7 +85,8 @@ def training_config(
         f"data.batch_size={batch_size}",
         f"paths.data_dir={directory}",
         f"trainer.accelerator={device}",
-        "trainer.deterministic=false",  # speed, as trainer=gpu runs; CUDA's pooling backward is not
+        # as trainer=gpu trains: CUDA's pooling backward has no deterministic kernel
+        "trainer.deterministic=false",
         f"trainer.max_epochs={epochs + 1}",
         "train.evaluate=false",
         f"mlflow.tracking_uri=sqlite:///{directory}/mlflow.db",
