@@ -16,8 +16,7 @@ from omegaconf import DictConfig
 
 from pipeline.cli import hydra_entry
 from pipeline.config import EvaluateJob, validate
-from pipeline.data.store import load_split, split_path
-from pipeline.errors import PipelineError
+from pipeline.data.store import load_split
 from pipeline.evaluation.evaluate import evaluate_run, load_checkpoint
 from pipeline.evaluation.logged_model import register
 from pipeline.tracking.store import read_run, tracking_client
@@ -28,13 +27,7 @@ def main(cfg: DictConfig) -> None:
     config = validate(cfg, EvaluateJob)
     run_dir = Path(config.run_dir)
     module = load_checkpoint(run_dir / config.checkpoint)
-    data_dir = config.paths.processed_dir(module.dataset_cfg.name)
-    if not split_path(data_dir, "test").is_file():
-        raise PipelineError(
-            f"no test split in {data_dir}: run `dvc repro` or `python -m pipeline.data.preprocess "
-            f"dataset={module.dataset_cfg.name}` (paths.data_dir as the training's)"
-        )
-    test = load_split(data_dir, "test")
+    test = load_split(config.paths.processed_dir(module.dataset_cfg.name), "test")
     out_dir = Path(config.out_dir) if config.out_dir else run_dir / "eval"
     evaluate_run(module, test, config.evaluation, out_dir, run_dir)
     if config.register:

@@ -17,7 +17,6 @@ import lightning as L
 import torch
 
 from pipeline.data.store import SPLITS, Split, load_split, read_meta
-from pipeline.errors import PipelineError
 
 
 class Batches:
@@ -69,11 +68,6 @@ class TensorDataModule(L.LightningDataModule):
         super().__init__()
         self.directory = Path(directory)
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
-        if not (self.directory / "meta.json").is_file():
-            raise PipelineError(
-                f"no preprocessed data in {self.directory}: run `dvc repro` or "
-                f"`python -m pipeline.data.preprocess dataset={self.directory.name}` first"
-            )
         self.meta: dict[str, Any] = read_meta(self.directory)
         self.splits: dict[str, Split] = {}
 

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from pipeline.errors import PipelineError
+
 if TYPE_CHECKING:
     import torch
 
@@ -66,10 +68,21 @@ def save_split(directory: Path, name: str, split: Split) -> None:
     torch.save(split._asdict(), split_path(directory, name))
 
 
+def preprocessed(path: Path, what: str) -> Path:
+    """`path`, a file the preprocess stage writes; if missing, an error naming the command."""
+    if not path.is_file():
+        raise PipelineError(
+            f"no {what} in {path.parent}: run `dvc repro` or "
+            f"`python -m pipeline.data.preprocess dataset={path.parent.name}` first"
+        )
+    return path
+
+
 def load_split(directory: Path, name: str) -> Split:
     import torch
 
-    return Split(**torch.load(split_path(directory, name), weights_only=True))
+    path = preprocessed(split_path(directory, name), f"{name} split")
+    return Split(**torch.load(path, weights_only=True))
 
 
 def write_meta(directory: Path, meta: dict[str, Any]) -> None:
@@ -77,4 +90,4 @@ def write_meta(directory: Path, meta: dict[str, Any]) -> None:
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / META_FILE).read_text())
+    return json.loads(preprocessed(Path(directory) / META_FILE, "preprocessed data").read_text())
