@@ -103,7 +103,7 @@ class ImageClassifier(nn.Module):
         std: Sequence[float],
     ) -> None:
         super().__init__()
-        self.network = network.to(memory_format=torch.channels_last)  # in place
+        self.network = network.to(memory_format=torch.channels_last)
         self.dataset_cfg = dataset_cfg
         # from the data's meta.json (kept in the checkpoint's hyperparameters), not the weights
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
@@ -114,9 +114,8 @@ class ImageClassifier(nn.Module):
         return self.mean.device
 
     def forward(self, images: Tensor) -> Tensor:
-        # reordered while still uint8 (a quarter of the bytes); the arithmetic keeps the layout
-        images = images.contiguous(memory_format=torch.channels_last)
-        return self.network((images.float() - self.mean) / self.std)
+        normalised = (images.float() - self.mean) / self.std
+        return self.network(normalised.contiguous(memory_format=torch.channels_last))
 
 
 def build_model(model: ModelConfig, dataset: DatasetConfig) -> Network:
