@@ -111,9 +111,7 @@ def write_dataset(cfg: TrainJob, train_images: int) -> None:
 
 
 class PlainLoop:
-    """The same training as a bare PyTorch loop, written the obvious way: network, optimizer,
-    normalisation, batches, in torch's default memory layout (the pipeline's is channels-last,
-    see ImageClassifier)."""
+    """The same training as a bare PyTorch loop: network, optimizer, normalisation, batches."""
 
     def __init__(self, cfg: TrainJob) -> None:
         device = cfg.trainer.accelerator

@@ -148,11 +148,9 @@ def test_every_backbone_and_head_trains(backbone: str, head: str, tmp_path, data
     assert 0 <= metrics["test/acc"] <= 1 and "test/acc" in client.get_run(run_id).data.metrics
 
 
-def test_lenet5_reaches_97_percent_on_real_digits(tmp_path, data_dir):
+def test_lenet5_reaches_98_percent_on_real_digits(tmp_path, data_dir):
     metrics, _, _ = run_training(tmp_path, data_dir, "experiment=digits")
-    # 360 test images: seeds 0-3 at 1 and 2 threads gave 0.972-0.994 (mean 0.985), in both
-    # memory layouts; 10 errors is the most any of them made
-    assert metrics["test/acc"] >= 0.97
+    assert metrics["test/acc"] >= 0.98
 
 
 class ShownProgress(L.Callback):

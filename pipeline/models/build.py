@@ -87,13 +87,7 @@ class Network(nn.Module):
 class ImageClassifier(nn.Module):
     """A network behind its training split's normalisation: raw 0-255 images (uint8 or float)
     in, class scores out, so a trained model needs nothing else to classify images. Lightning's
-    module trains one; evaluation restores one from a checkpoint without Lightning.
-
-    Images and convolution weights are channels-last (N x H x W x C in memory): oneDNN's CPU
-    convolutions and cuDNN's tensor-core ones run fastest in that layout (LeNet-5 trains
-    1.2-1.9x faster on CPU than in torch's default layout, `make bench`). The values, the
-    shapes and the saved weights are the same in either layout.
-    """
+    module trains one; evaluation restores one from a checkpoint without Lightning."""
 
     def __init__(
         self,
@@ -103,7 +97,7 @@ class ImageClassifier(nn.Module):
         std: Sequence[float],
     ) -> None:
         super().__init__()
-        self.network = network.to(memory_format=torch.channels_last)
+        self.network = network
         self.dataset_cfg = dataset_cfg
         # from the data's meta.json (kept in the checkpoint's hyperparameters), not the weights
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
@@ -114,8 +108,7 @@ class ImageClassifier(nn.Module):
         return self.mean.device
 
     def forward(self, images: Tensor) -> Tensor:
-        normalised = (images.float() - self.mean) / self.std
-        return self.network(normalised.contiguous(memory_format=torch.channels_last))
+        return self.network((images.float() - self.mean) / self.std)
 
 
 def build_model(model: ModelConfig, dataset: DatasetConfig) -> Network:
