@@ -1,5 +1,6 @@
 """What each entry point imports before its work: the data stages and the summary never load
-Lightning or MLflow, evaluate never loads Lightning, and a bad config fails before torch.
+Lightning or MLflow, evaluate never loads Lightning, the results table (report) not even torch,
+and a bad config fails before torch.
 (How long they take: `python -m benchmarks.startup`, never a test.)"""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ HEAVY = ("torch", "lightning", "torchmetrics", "torchvision", "mlflow", "sklearn
         ("pipeline.data.preprocess", ("torch",)),
         ("pipeline.summary", ("torch",)),
         ("pipeline.evaluate", ("torch", "mlflow")),
+        ("pipeline.report", ("mlflow",)),
         ("pipeline.train", ()),  # the training's imports come after the config is validated
     ],
 )

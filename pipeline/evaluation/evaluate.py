@@ -132,7 +132,7 @@ def write_reports(
         "misclassified.png": misclassified_figure(
             test.images.cpu(), evaluation.labels, evaluation.predictions, classes
         ),
-        "kernels.png": kernels_figure(module.network),
+        "kernels.png": kernels_figure(module.network.first_conv().weight),
         "resolution.png": resolution_figure(
             [
                 Curve(

@@ -1,14 +1,17 @@
 """Figures people would rather look at than read: built on `matplotlib.figure.Figure`
-directly (no pyplot global state, no display needed)."""
+directly (no pyplot global state, no display needed). Torch is only a type here, so that
+`pipeline.report`, which draws from CSV files, starts without importing it."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from matplotlib.figure import Figure
-from torch import nn
+
+if TYPE_CHECKING:
+    import torch
 
 
 def confusion_figure(confusion: torch.Tensor, classes: list[str]) -> Figure:
@@ -21,13 +24,13 @@ def confusion_figure(confusion: torch.Tensor, classes: list[str]) -> Figure:
     axes.set_yticks(ticks, classes)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
-    peak = confusion.max().item()
-    for (row, col), count in zip(
-        torch.cartesian_prod(*[torch.arange(len(classes))] * 2), confusion.flatten(), strict=True
-    ):
-        if count:
-            colour = "white" if count > peak / 2 else "black"
-            axes.text(col, row, int(count), ha="center", va="center", fontsize=7, color=colour)
+    counts = confusion.tolist()
+    peak = max(map(max, counts))
+    for row, line in enumerate(counts):
+        for col, count in enumerate(line):
+            if count:
+                colour = "white" if count > peak / 2 else "black"
+                axes.text(col, row, int(count), ha="center", va="center", fontsize=7, color=colour)
     axes.set_title("test confusion matrix")
     return figure
 
@@ -60,14 +63,10 @@ def misclassified_figure(
     return _image_grid(images[wrong], titles, columns=8, title=title)
 
 
-def first_conv(network: nn.Module) -> nn.Conv2d:
-    return next(module for module in network.modules() if isinstance(module, nn.Conv2d))
-
-
-def kernels_figure(network: nn.Module, limit: int = 96) -> Figure:
-    """The first layer's kernels: learned from data, or a fixed classical bank."""
-    conv = first_conv(network)
-    kernels = conv.weight.detach().cpu()[:limit]
+def kernels_figure(weight: torch.Tensor, limit: int = 96) -> Figure:
+    """The first layer's kernels (its out x in x k x k weight): learned from data, or a fixed
+    classical bank."""
+    kernels = weight.detach().cpu()[:limit]
     if kernels.shape[1] not in (1, 3):
         kernels = kernels.mean(dim=1, keepdim=True)
     titles = [str(i) for i in range(len(kernels))]
