@@ -55,12 +55,15 @@ test-fast: install
 # The trainings are small, so they share the cores as one-thread processes, all at once: two
 # lanes of `dvc repro -s` (DVC unlocks the repository while a stage's command runs; -s: a lane
 # leaves the shared upstream stages, done first, alone) take the digits runs in turn, beside
-# the sweep's two trials at a time. Each writes to logs/.
+# the sweep's two trials at a time, which run niced: the lanes hold the longest chain (GAP's
+# 150 epochs), the sweep fills the cores they leave idle, and both end together. Each writes
+# to logs/.
 demo: install
 	dvc repro preprocess@digits
 	@mkdir -p logs; export OMP_NUM_THREADS=1; \
-	python -m pipeline.train -m experiment=digits model.head=fc,gap,spp trainer.max_epochs=15 \
-		hydra/launcher=joblib hydra.launcher.n_jobs=2 > logs/sweep.log 2>&1 & sweep=$$!; \
+	nice -n 10 python -m pipeline.train -m experiment=digits model.head=fc,gap,spp \
+		trainer.max_epochs=15 hydra/launcher=joblib hydra.launcher.n_jobs=2 \
+		> logs/sweep.log 2>&1 & sweep=$$!; \
 	echo "training the digits runs (logs/digits-*.log) and the sweep (logs/sweep.log)"; \
 	dvc stage list --name-only | sed -n 's/^train@\(digits-.*\)/\1/p' | xargs -P 2 -n 1 sh -c \
 		'{ dvc --wait-for-lock repro -s "train@$$0" && dvc --wait-for-lock repro -s \
