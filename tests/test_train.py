@@ -38,6 +38,9 @@ def test_run_records_params_metrics_tags_and_artifacts(shared_run):
     run = client.get_run(read_run(output_dir)["run_id"])
     assert run.info.run_name.startswith("lenet5-fc-digits-")
     assert client.get_experiment(run.info.experiment_id).name == "digits"
+    # beside the store's database, not in ./mlruns of the process that created the experiment
+    store_dir = Path(uri.removeprefix("sqlite:///")).parent
+    assert run.info.artifact_uri.startswith(f"{store_dir.as_uri()}/digits/")
     params = run.data.params
     assert params["model.backbone"] == "lenet5" and params["optimizer.name"] == "adam"
     assert params["dataset.val_size"] == "300" and params["seed"] == "0"

@@ -34,7 +34,12 @@ from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 
 from pipeline.config import mask_password
 from pipeline.data.store import SPLITS, split_path
-from pipeline.tracking.store import RUN_FILE, credentials_to_environment, use_tracking_uri
+from pipeline.tracking.store import (
+    RUN_FILE,
+    artifact_location,
+    credentials_to_environment,
+    use_tracking_uri,
+)
 
 # model training, as opposed to GenAI: the UI shows such an experiment's runs, models, datasets
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -98,6 +103,7 @@ def run_logger(
         experiment_name=experiment,
         run_name=name,
         tracking_uri=credentials_to_environment(tracking_uri),
+        artifact_location=artifact_location(tracking_uri, experiment),
         run_id=run_id,
         tags=dict(tags),
     )

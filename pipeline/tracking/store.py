@@ -57,13 +57,28 @@ def credentials_to_environment(tracking_uri: str) -> str:
 def open_store(tracking_uri: str) -> MlflowClient:
     """A client of the tracking store, which it creates if new. Processes that start together
     take turns at a sqlite file: two creating its tables at once leave a broken schema."""
-    database = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:") else ""
+    database = sqlite_database(tracking_uri)
     if database:
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        database.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{database}.lock") if database else contextlib.nullcontext():
         client = tracking_client(tracking_uri)
         client.search_experiments(max_results=1)
     return client
+
+
+def sqlite_database(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite store (None for other stores)."""
+    if not tracking_uri.startswith("sqlite:"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///"))
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside the database of a sqlite store (MLflow
+    would use ./mlruns of whichever process creates the experiment, so a store on a shared disk
+    would point at one machine's working directory); a server's own choice otherwise (None)."""
+    database = sqlite_database(tracking_uri)
+    return (database.parent.resolve() / experiment).as_uri() if database else None
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -72,6 +87,6 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location(client.tracking_uri, name))
     except MlflowException:  # created meanwhile by a concurrent process
         return client.get_experiment_by_name(name).experiment_id
