@@ -370,8 +370,9 @@ class EvaluationConfig:
     # test resolutions as multiples of the dataset's size (what GAP and SPP are for): the
     # multi-size training range (data.augment.scale_range) and beyond it on both sides
     scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3])
-    # images per forward pass, for validation and testing too
-    batch_size: int = 1000
+    # images per forward pass, for validation and testing too; larger batches outgrow a CPU's
+    # caches and run slower there
+    batch_size: int = 128
 
     def __post_init__(self) -> None:
         require(
