@@ -98,6 +98,16 @@ def test_offline_profile_end_to_end_then_nothing_to_do(repo_copy: Path):
         tags = client.get_run(champion.run_id).data.tags
         assert tags["output_dir"] == str((repo_copy / "runs" / run).resolve())
 
+    # deleted outputs: the trainings come back from DVC's run cache, each run.json with its
+    # weights; the reports (cache: false, git's to keep) are made again, into the same runs
+    for directory in ("runs", "reports"):
+        shutil.rmtree(repo_copy / directory)
+    restored = sh("dvc", "repro", *OFFLINE, cwd=repo_copy)
+    assert ran(restored.stdout) == {f"evaluate@{run}" for run in DIGITS_RUNS}
+    assert len(client.search_runs([runs[0].info.experiment_id])) == len(DIGITS_RUNS)
+    for run in DIGITS_RUNS:
+        assert (repo_copy / "reports" / run / "metrics.json").is_file()
+
 
 def commit_all(repo: Path, message: str) -> None:
     """Commit what changed; empty when a test before on the same copy committed it already."""
@@ -124,6 +134,7 @@ def test_pushed_results_pull_into_a_fresh_clone_with_nothing_to_rerun(repo_copy:
     ]
     assert shown[0] == shown[1] and shown[0]["data"]
     assert (clone / "runs" / DIGITS_RUNS[0] / "checkpoints" / "best.ckpt").is_file()
+    assert (clone / "runs" / DIGITS_RUNS[0] / "run.json").is_file()  # evaluate's link to MLflow
 
 
 def test_changed_parameter_reruns_only_its_branch_as_a_dvc_experiment(repo_copy: Path):
