@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -192,6 +193,21 @@ def test_evaluate_without_the_data_says_how_to_make_it(gap_run, tmp_path):
     result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
     assert "no test split in" in result.stdout and "pipeline.data.preprocess" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_evaluate_of_a_run_gone_from_its_store_says_to_train_again(gap_run, data_dir, tmp_path):
+    """What DVC restores from its cache after the MLflow store was deleted."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(gap_run[1], run_dir)
+    run = {**read_run(run_dir), "tracking_uri": f"sqlite:///{tmp_path / 'new.db'}"}
+    (run_dir / "run.json").write_text(json.dumps(run))
+    command = [sys.executable, "-m", "pipeline.evaluate", f"run_dir={run_dir}"]
+    command.append(f"paths.data_dir={data_dir}")
+    result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert f"names MLflow run {run['run_id']}, which the store at" in result.stdout
+    assert "dvc repro --force train@" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from mlflow.exceptions import MlflowException
 
 from pipeline.config import DatasetConfig, EvaluationConfig, ModelConfig
 from pipeline.data.augment import resize
@@ -154,6 +155,16 @@ def log_to_run(run_dir: Path, files: list[Path], evaluation: Evaluation) -> None
     """Attach the reports and resolution metrics to the training's MLflow run."""
     run = read_run(run_dir)
     client = tracking_client(run["tracking_uri"])
+    try:
+        client.get_run(run["run_id"])
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise PipelineError(
+            f"{run_dir / RUN_FILE} names MLflow run {run['run_id']}, which the store at "
+            f"{run['tracking_uri']} does not hold (deleted with its store?): train again "
+            "(with DVC: `dvc repro --force train@NAME`)"
+        ) from None
     for path in files:
         client.log_artifact(run["run_id"], str(path), "evaluation")
     for row in evaluation.resolution:
