@@ -118,8 +118,9 @@ def test_sweep_of_two_node_ddp_trials_gives_each_trial_one_dir_and_one_run(
     assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
     assert {r.data.params["model.head"] for r in children} == {"fc", "gap"}
     assert parent.data.tags["sweep.launcher"] == "SlurmLauncher"
-    # both tasks of a trial ran its job in its directory: no other directory anywhere
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["mlruns", "sweep"]
+    # both tasks of a trial ran its job in its directory: no other directory anywhere but the
+    # store's artifacts (digits/, beside its database)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["digits", "sweep"]
     sweep_dir = tmp_path / "sweep"
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [".submitit", "0", "1"]
     trial_dirs = [sweep_dir / "0", sweep_dir / "1"]

@@ -168,8 +168,9 @@ def test_sweep_of_ddp_trials_gives_each_trial_one_dir_and_one_run(tmp_path, data
     client, parent, children = sweep_runs(tmp_path)
     assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
     assert {r.data.params["trainer.devices"] for r in children} == {"2"}
-    # rank 1 joined its trial in the trial's directory: no other directory anywhere
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["mlruns", "sweep"]
+    # rank 1 joined its trial in the trial's directory: no other directory anywhere but the
+    # store's artifacts (digits/, beside its database)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["digits", "sweep"]
     dirs = job_dirs(tmp_path)
     assert [d.name for d in dirs] == ["0", "1"]
     assert {read_run(d)["run_id"] for d in dirs} == {r.info.run_id for r in children}
