@@ -38,9 +38,10 @@ def test_entry_point_imports_only_what_it_uses(module: str, allowed: tuple[str, 
 @pytest.mark.parametrize(
     ("override", "named"), [("model=lenet6", "lenet5_classic"), ("model.head=mlp", "fc, gap, spp")]
 )
-def test_bad_config_is_rejected_before_torch_is_imported(override: str, named: str):
+def test_bad_config_is_rejected_before_torch_is_imported(override: str, named: str, tmp_path):
     command = [sys.executable, "-X", "importtime", "-m", "pipeline.train", override]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    # run elsewhere: Hydra's run directory (outputs/DATE/TIME) must not land in the repository
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 1
     assert named in result.stdout + result.stderr
     imported = re.findall(r"^import time:.*\|\s*(\S+)$", result.stderr, flags=re.MULTILINE)
