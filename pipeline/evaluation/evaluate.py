@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from pipeline.config import DatasetConfig, EvaluationConfig, ModelConfig
 from pipeline.data.augment import resize
@@ -158,7 +159,7 @@ def log_to_run(run_dir: Path, files: list[Path], evaluation: Evaluation) -> None
     try:
         client.get_run(run["run_id"])
     except MlflowException as err:
-        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+        if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             raise
         raise PipelineError(
             f"{run_dir / RUN_FILE} names MLflow run {run['run_id']}, which the store at "
