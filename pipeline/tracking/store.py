@@ -67,10 +67,9 @@ def open_store(tracking_uri: str) -> MlflowClient:
 
 
 def sqlite_database(tracking_uri: str) -> Path | None:
-    """The database file of a sqlite store (None for other stores)."""
-    if not tracking_uri.startswith("sqlite:"):
-        return None
-    return Path(tracking_uri.removeprefix("sqlite:///"))
+    """The database file of a sqlite store (None for other stores, and for sqlite in memory)."""
+    path = tracking_uri.removeprefix("sqlite:///")
+    return Path(path) if path != tracking_uri else None
 
 
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
