@@ -1,12 +1,13 @@
-"""DVC stage `preprocess`: raw files -> uint8 `N x C x H x W` tensors in fixed splits.
+"""DVC stage `preprocess`: raw files -> uint8 `N x C x H x W` arrays in fixed splits.
 
     python -m pipeline.data.preprocess dataset=mnist
 
 Train and val are a seed-determined partition of the source's training pool; test is the
 official test split (or, for sources without one, a third seed-determined part). Outputs go to
-`data/processed/NAME/{train,val,test}.pt` and `meta.json` (shapes, counts per split and per
+`data/processed/NAME/{train,val,test}.npz` and `meta.json` (shapes, counts per split and per
 class, content checksums, the train split's per-channel mean and std), written into a staging
-directory that replaces the old output only when complete.
+directory that replaces the old output only when complete. All of it is numpy: torch is
+imported only by the sources that read their files with torchvision.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.cli import hydra_entry
@@ -38,10 +39,10 @@ def make_splits(raw: RawData, cfg: DatasetConfig) -> dict[str, Split]:
         cfg.val_size,
         f"val_size + test_size < {pool}, the size of {cfg.name}'s training pool",
     )
-    order = torch.randperm(pool, generator=torch.Generator().manual_seed(cfg.split_seed))
+    order = np.random.default_rng(cfg.split_seed).permutation(pool)
 
-    def take(rows: torch.Tensor) -> Split:
-        rows = rows.sort().values
+    def take(rows: np.ndarray) -> Split:
+        rows = np.sort(rows)
         return Split(raw.train_images[rows], raw.train_labels[rows], rows)
 
     splits = {"val": take(order[: cfg.val_size])}
@@ -50,7 +51,7 @@ def make_splits(raw: RawData, cfg: DatasetConfig) -> dict[str, Split]:
             raise PipelineError(
                 f"dataset '{cfg.name}' has no official test split: set dataset.test_size"
             )
-        rows = torch.arange(len(raw.test_labels))
+        rows = np.arange(len(raw.test_labels))
         splits["test"] = Split(raw.test_images, raw.test_labels, rows)
     else:
         splits["test"] = take(order[cfg.val_size : held_out])
@@ -58,17 +59,17 @@ def make_splits(raw: RawData, cfg: DatasetConfig) -> dict[str, Split]:
     return {name: splits[name] for name in ("train", "val", "test")}
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
+def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
     """Per-channel mean and std on the 0-1 scale, in chunks so CIFAR never needs a float copy."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
+    total = np.zeros(images.shape[1])
+    squares = np.zeros_like(total)
     for start in range(0, len(images), chunk):
-        block = images[start : start + chunk].to(torch.float64) / 255
-        total += block.sum(dim=(0, 2, 3))
-        squares += block.square().sum(dim=(0, 2, 3))
+        block = images[start : start + chunk] / 255
+        total += block.sum(axis=(0, 2, 3))
+        squares += np.square(block).sum(axis=(0, 2, 3))
     count = images.shape[0] * images.shape[2] * images.shape[3]
     mean = total / count
-    std = (squares / count - mean.square()).clamp_min(0).sqrt()
+    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0))
     return mean.tolist(), std.tolist()
 
 
@@ -77,7 +78,7 @@ def describe(splits: dict[str, Split], cfg: DatasetConfig) -> dict[str, Any]:
     per_split = {
         name: {
             "count": len(split.labels),
-            "per_class": torch.bincount(split.labels, minlength=len(cfg.classes)).tolist(),
+            "per_class": np.bincount(split.labels, minlength=len(cfg.classes)).tolist(),
             "sha256": split.sha256(),
         }
         for name, split in splits.items()

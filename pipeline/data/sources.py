@@ -1,9 +1,10 @@
-"""Raw-data sources: how each dataset's files are obtained and read back as uint8 tensors.
+"""Raw-data sources: how each dataset's files are obtained and read back as uint8 arrays.
 
 Downloading, checksums and archive handling are torchvision's: a source only points a
 torchvision dataset class at one mirror with the md5s from the config, then reads the
-decoded arrays it exposes (no per-sample PIL work). torch, numpy and torchvision are imported
-where they are used: the fetch stage of the offline digits needs none of them.
+decoded arrays it exposes (no per-sample PIL work). numpy and torchvision are imported where
+they are used: the offline digits need no torchvision (nor torch) at all, and their fetch
+stage not even numpy.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 
 class RawData(NamedTuple):
-    train_images: torch.Tensor  # uint8 N x C x H x W
-    train_labels: torch.Tensor  # int64 N
-    test_images: torch.Tensor | None  # None: the source has no official test split
-    test_labels: torch.Tensor | None
+    train_images: np.ndarray  # uint8 N x C x H x W
+    train_labels: np.ndarray  # int64 N
+    test_images: np.ndarray | None  # None: the source has no official test split
+    test_labels: np.ndarray | None
 
 
 class RawSource(ABC):
@@ -45,7 +46,7 @@ class RawSource(ABC):
 
     @abstractmethod
     def load(self, cfg: DatasetConfig, root: Path) -> RawData:
-        """Read the files written by `download` as tensors."""
+        """Read the files written by `download` as arrays."""
 
 
 SOURCES: Registry[RawSource] = Registry("data source", SOURCE_NAMES)
@@ -86,7 +87,7 @@ class TorchvisionSource(RawSource):
         """Class attributes that replace torchvision's URLs and checksums."""
 
     @abstractmethod
-    def _tensors(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _arrays(self, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 N x C x H x W images, int64 labels) of a loaded torchvision dataset."""
 
     def _configured(self, cfg: DatasetConfig, mirror: str = "") -> type:
@@ -98,8 +99,8 @@ class TorchvisionSource(RawSource):
 
     def load(self, cfg: DatasetConfig, root: Path) -> RawData:
         cls = self._configured(cfg)
-        train = self._tensors(cls(str(root), train=True))
-        test = self._tensors(cls(str(root), train=False))
+        train = self._arrays(cls(str(root), train=True))
+        test = self._arrays(cls(str(root), train=False))
         return RawData(*train, *test)
 
 
@@ -111,8 +112,8 @@ class IdxSource(TorchvisionSource):
         resources = [(name, _md5(cfg, name)) for name, _ in self.base.resources]
         return {"mirrors": [mirror], "resources": resources}
 
-    def _tensors(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return dataset.data.unsqueeze(1).contiguous(), dataset.targets.long()
+    def _arrays(self, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+        return dataset.data.unsqueeze(1).numpy(), dataset.targets.long().numpy()
 
 
 @register_source("CIFAR10")
@@ -129,11 +130,11 @@ class CifarSource(TorchvisionSource):
             "meta": {**base.meta, "md5": _md5(cfg, base.meta["filename"])},
         }
 
-    def _tensors(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
+    def _arrays(self, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
 
-        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
-        return images, torch.tensor(dataset.targets, dtype=torch.long)
+        images = np.ascontiguousarray(dataset.data.transpose(0, 3, 1, 2))
+        return images, np.asarray(dataset.targets, dtype=np.int64)
 
 
 @register_source("sklearn_digits")
@@ -159,15 +160,29 @@ class DigitsSource(RawSource):
 
     def load(self, cfg: DatasetConfig, root: Path) -> RawData:
         import numpy as np
-        import torch
-        import torch.nn.functional as F
 
-        rows = torch.from_numpy(np.loadtxt(root / self.file, delimiter=",", dtype=np.int64))
-        images, labels = rows[:, :-1].view(-1, 1, 8, 8).float(), rows[:, -1]
+        rows = np.loadtxt(root / self.file, delimiter=",", dtype=np.int64)
+        images, labels = rows[:, :-1].reshape(-1, 1, 8, 8) * (255 / 16), rows[:, -1]
         box = (round(cfg.height * 20 / 28), round(cfg.width * 20 / 28))
-        digits = F.interpolate(images * (255 / 16), size=box, mode="bilinear", align_corners=False)
+        digits = bilinear(8, box[0]) @ images @ bilinear(8, box[1]).T
         top, left = (cfg.height - box[0]) // 2, (cfg.width - box[1]) // 2
         bottom, right = cfg.height - box[0] - top, cfg.width - box[1] - left
-        framed = F.pad(digits, (left, right, top, bottom))
-        framed = framed.round().clamp(0, 255).to(torch.uint8).expand(-1, cfg.channels, -1, -1)
-        return RawData(framed.contiguous(), labels.contiguous(), None, None)
+        framed = np.pad(digits, ((0, 0), (0, 0), (top, bottom), (left, right)))
+        framed = framed.round().clip(0, 255).astype(np.uint8)
+        shape = (len(framed), cfg.channels, cfg.height, cfg.width)
+        return RawData(np.ascontiguousarray(np.broadcast_to(framed, shape)), labels, None, None)
+
+
+def bilinear(size: int, new_size: int) -> np.ndarray:
+    """The `new_size x size` matrix that resamples a line of pixels linearly, pixel centres
+    aligned as torch's `interpolate(mode="bilinear", align_corners=False)` aligns them."""
+    import numpy as np
+
+    centres = np.maximum((np.arange(new_size) + 0.5) * (size / new_size) - 0.5, 0)
+    left = np.floor(centres).astype(np.int64)
+    right = np.minimum(left + 1, size - 1)
+    weight = centres - left
+    matrix = np.zeros((new_size, size))
+    np.add.at(matrix, (np.arange(new_size), left), 1 - weight)
+    np.add.at(matrix, (np.arange(new_size), right), weight)
+    return matrix

@@ -1,9 +1,10 @@
-"""On-disk form of preprocessed data: one `.pt` file per split plus `meta.json`.
+"""On-disk form of preprocessed data: one numpy `.npz` file per split plus `meta.json`.
 
 Images are uint8 `N x C x H x W`, labels int64, and `index` the row each image had in the
-source split it came from (so any sample can be traced back to the raw files). Loading is a
-single `torch.load` per split: no per-sample work. torch is imported by the functions that
-save and load: the fetch stage uses `atomic_directory` alone.
+source split it came from (so any sample can be traced back to the raw files). numpy writes
+them, so the preprocess stage of the offline digits never imports torch; loading is a single
+`np.load` per split, handed to torch without a copy. numpy and torch are imported by the
+functions that save and load: the fetch stage uses `atomic_directory` alone.
 """
 
 from __future__ import annotations
@@ -21,21 +22,28 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+    Array = np.ndarray | torch.Tensor
 
 SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"
 
 
 class Split(NamedTuple):
-    images: torch.Tensor  # uint8, N x C x H x W
-    labels: torch.Tensor  # int64, N
-    index: torch.Tensor  # int64, N: row in the source split
+    """One split's arrays: numpy as preprocess builds them, torch tensors as loaded."""
+
+    images: Array  # uint8, N x C x H x W
+    labels: Array  # int64, N
+    index: Array  # int64, N: row in the source split
 
     def sha256(self) -> str:
+        import numpy as np
+
         digest = hashlib.sha256()
-        for tensor in self:
-            digest.update(tensor.contiguous().numpy().data)
+        for array in self:
+            digest.update(np.ascontiguousarray(array))
         return digest.hexdigest()
 
 
@@ -59,13 +67,13 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
 
 def split_path(directory: Path, name: str) -> Path:
-    return Path(directory) / f"{name}.pt"
+    return Path(directory) / f"{name}.npz"
 
 
 def save_split(directory: Path, name: str, split: Split) -> None:
-    import torch
+    import numpy as np
 
-    torch.save(split._asdict(), split_path(directory, name))
+    np.savez(split_path(directory, name), **split._asdict())
 
 
 def preprocessed(path: Path, what: str) -> Path:
@@ -79,10 +87,13 @@ def preprocessed(path: Path, what: str) -> Path:
 
 
 def load_split(directory: Path, name: str) -> Split:
+    """A split as CPU tensors."""
+    import numpy as np
     import torch
 
     path = preprocessed(split_path(directory, name), f"{name} split")
-    return Split(**torch.load(path, weights_only=True))
+    with np.load(path) as arrays:
+        return Split(*(torch.from_numpy(arrays[field]) for field in Split._fields))
 
 
 def write_meta(directory: Path, meta: dict[str, Any]) -> None:
