@@ -182,7 +182,7 @@ def bilinear(size: int, new_size: int) -> np.ndarray:
     left = np.floor(centres).astype(np.int64)
     right = np.minimum(left + 1, size - 1)
     weight = centres - left
-    matrix = np.zeros((new_size, size))
-    np.add.at(matrix, (np.arange(new_size), left), 1 - weight)
-    np.add.at(matrix, (np.arange(new_size), right), weight)
+    rows, matrix = np.arange(new_size), np.zeros((new_size, size))
+    matrix[rows, left] += 1 - weight
+    matrix[rows, right] += weight  # at the last pixel `right` is `left`: the weights add to 1
     return matrix

@@ -155,22 +155,21 @@ def write_reports(
 def log_to_run(run_dir: Path, files: list[Path], evaluation: Evaluation) -> None:
     """Attach the reports and resolution metrics to the training's MLflow run."""
     run = read_run(run_dir)
-    client = tracking_client(run["tracking_uri"])
+    client, run_id = tracking_client(run["tracking_uri"]), run["run_id"]
     try:
-        client.get_run(run["run_id"])
+        for path in files:
+            client.log_artifact(run_id, str(path), "evaluation")
+        for row in evaluation.resolution:
+            client.log_metric(run_id, "test/acc_at_size", row["accuracy"], step=int(row["size"]))
+        client.log_metric(run_id, "test/min_input_size", evaluation.min_input_size)
     except MlflowException as err:
         if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             raise
         raise PipelineError(
-            f"{run_dir / RUN_FILE} names MLflow run {run['run_id']}, which the store at "
+            f"{run_dir / RUN_FILE} names MLflow run {run_id}, which the store at "
             f"{run['tracking_uri']} does not hold (deleted with its store?): train again "
             "(with DVC: `dvc repro --force train@NAME`)"
         ) from None
-    for path in files:
-        client.log_artifact(run["run_id"], str(path), "evaluation")
-    for row in evaluation.resolution:
-        client.log_metric(run["run_id"], "test/acc_at_size", row["accuracy"], step=int(row["size"]))
-    client.log_metric(run["run_id"], "test/min_input_size", evaluation.min_input_size)
 
 
 def load_checkpoint(path: Path) -> ImageClassifier:
