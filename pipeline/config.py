@@ -287,6 +287,12 @@ class TrainerConfig:
     # compiled training steps of these networks no faster, on CPU or on an H200, after tens of
     # seconds of compiling
     compile: bool = False
+    # CPU threads of this training (torch's intra-op pool); null: torch's own choice (every
+    # core, or OMP_NUM_THREADS). A search packing trials onto this machine sets each one's share
+    threads: int | None = None
+    # the one GPU (its index) this training uses; null: Lightning's choice. A search packing
+    # trials onto this machine's GPUs sets each one's (hydra.sweeper.trials_per_device)
+    device: int | None = None
 
     def __post_init__(self) -> None:
         one_of(self.profiler, "trainer.profiler", ("simple", "advanced", "pytorch"), True)
@@ -298,6 +304,15 @@ class TrainerConfig:
         require(self.devices >= 1, "trainer.devices", self.devices, "an integer >= 1")
         require(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "an integer >= 1")
         require(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs, "an integer >= 1")
+        if self.threads is not None:
+            require(self.threads >= 1, "trainer.threads", self.threads, "null or an integer >= 1")
+        if self.device is not None:
+            require(
+                self.device >= 0 and self.devices == 1 and self.accelerator != "cpu",
+                "trainer.device",
+                self.device,
+                "null, or a GPU index >= 0 with trainer.devices=1 on a GPU accelerator",
+            )
         if self.early_stopping_patience is not None:
             require(
                 self.early_stopping_patience >= 1,
@@ -315,6 +330,9 @@ class TrainerConfig:
         args = asdict(self)
         del args["early_stopping_patience"]  # a callback's setting
         del args["compile"]  # applied to the network (pipeline.training.fit)
+        del args["threads"]  # torch's setting (pipeline.training.fit)
+        if args.pop("device") is not None:
+            args["devices"] = [self.device]
         return args
 
 
@@ -404,6 +422,15 @@ class RunOptions:
 
 
 @dataclass
+class SearchOptions:
+    """`search`: set by the Optuna sweeper (pipeline/search/), never by hand."""
+
+    # the study's trial this training is: it reports val/acc there every epoch and stops when
+    # the pruner says so; null outside a search
+    trial: int | None = None
+
+
+@dataclass
 class TrackingConfig:
     """`mlflow`: where runs are recorded."""
 
@@ -429,6 +456,7 @@ class TrainJob:
     train: RunOptions = field(default_factory=RunOptions)
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    search: SearchOptions = field(default_factory=SearchOptions)
     seed: int = 0
 
 
@@ -511,6 +539,72 @@ class ServerJob:
         require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
 
 
+# --- the search: hydra/sweeper=optuna -------------------------------------------------------
+
+OPTUNA_SWEEPER = "hydra_plugins.convnet_pipeline.optuna_sweeper.OptunaSweeper"
+
+
+@dataclass
+class OptunaSweeperConfig:
+    """`hydra/sweeper=optuna` (pipeline/search/): an Optuna study behind Hydra's sweeper.
+
+    The sampler and the pruner are config groups of `_target_` nodes in
+    conf/hydra/sweeper/{sampler,pruner}/, instantiated by the sweeper (GridSampler takes the
+    search space from `params`)."""
+
+    _target_: str = OPTUNA_SWEEPER
+    # the sampler and pruner stay configs until the sweeper builds them
+    _recursive_: bool = False
+    defaults: list[Any] = field(
+        default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}, "_self_"]
+    )
+    sampler: Any = MISSING
+    pruner: Any = MISSING
+    direction: str = "maximize"
+    # what each trial is scored by: a metric the training returns
+    objective: str = "val/acc_best"
+    # what each trial reports every epoch, for the pruner
+    monitor: str = "val/acc"
+    # null: EXPERIMENT-SEARCH (the mlflow experiment and the hparams_search preset), so that
+    # running the same command again resumes the study
+    study_name: str | None = None
+    # where the study lives; null: sqlite beside a sqlite MLflow store (mlruns/optuna.db). A
+    # tracking server needs a database every trial reaches: `make server` prints its
+    # OPTUNA_STORAGE. Give a password through the environment, not on the command line
+    storage: str | None = "${oc.env:OPTUNA_STORAGE,null}"
+    # trials that end (finished, pruned or failed), in all, over every run of the command and
+    # every process sharing the study
+    n_trials: int = 20
+    # trials asked for and run at once; null: trials_per_device x GPUs for GPU trainings on
+    # this machine, else the launcher's parallelism (joblib's n_jobs; 1 for the basic one)
+    n_jobs: int | None = None
+    # trials sharing one GPU (each pinned to one: trainer.device); on CPU each trial run at
+    # once gets its share of the cores (trainer.threads)
+    trials_per_device: int = 1
+    # the search stops, as failed, when more than this share of one batch's trials fail
+    max_failure_rate: float = 0.5
+    # seconds between a running trial's heartbeats; one silent for 4 of them has died (its
+    # process was killed): it is failed and asked again
+    heartbeat_s: int = 5
+    # the search space: key -> choice(...), range(...), interval(...), tag(log, interval(...))
+    # or a fixed value; sweeps on the command line join it
+    params: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        one_of(self.direction, "hydra.sweeper.direction", ("maximize", "minimize"))
+        for key in ("n_trials", "trials_per_device", "heartbeat_s"):
+            value = getattr(self, key)
+            require(value >= 1, f"hydra.sweeper.{key}", value, "an integer >= 1")
+        if self.n_jobs is not None:
+            require(self.n_jobs >= 1, "hydra.sweeper.n_jobs", self.n_jobs, "null or >= 1")
+        require(
+            0 <= self.max_failure_rate <= 1,
+            "hydra.sweeper.max_failure_rate",
+            self.max_failure_rate,
+            "0 to 1",
+        )
+
+
 # Each primary config in conf/ starts from its schema: `defaults: [NAME_schema, _self_, ...]`.
 store = ConfigStore.instance()
 store.store(name="train_schema", node=TrainJob)
@@ -518,3 +612,4 @@ store.store(name="evaluate_schema", node=EvaluateJob)
 store.store(name="summary_schema", node=SummaryJob)
 store.store(name="prepare_schema", node=PrepareJob)
 store.store(name="server_schema", node=ServerJob)
+store.store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConfig)

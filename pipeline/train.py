@@ -10,7 +10,9 @@ Resuming is the same command plus `train.resume=` the interrupted training's out
 it continues from checkpoints/last.ckpt there, in that directory and the same MLflow run. In a
 sweep each trial is one training (DDP included) in `multirun/DATE/TIME/N`, its run a child of
 the sweep's parent run (pipeline/tracking/sweeps.py); a trial that fails or diverges ends as a
-FAILED run and the sweeper records it as failed.
+FAILED run and the sweeper records it as failed. A trial of an Optuna search (pipeline/search/)
+reports val/acc to its study every epoch, stops when pruned, and tells the study its result.
+Returns the training's metrics (a sweeper's objective is one of them).
 """
 
 from __future__ import annotations
@@ -19,25 +21,58 @@ import math
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.cli import hydra_entry
-from pipeline.config import TrainJob, validate
-from pipeline.errors import PipelineError
-from pipeline.tracking.sweeps import trial_tags
+from pipeline.config import OPTUNA_SWEEPER, TrainJob, validate
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.search.study import PRUNED_AT, StudyTrial, default_storage
+from pipeline.search.sweeper import study_name
+from pipeline.tracking.sweeps import global_rank, trial_tags
 
 
 @hydra_entry("config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> dict[str, float]:
     config = validate(cfg, TrainJob)
     # after validating: a bad config fails before torch, Lightning and MLflow are imported
     from pipeline.training.launch import run_training
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)  # train.resume's, when resuming
-    score = run_training(config, output_dir, trial_tags())["val/acc_best"]
-    if not math.isfinite(score):  # a sweeper must get a score or an error, never NaN
-        raise PipelineError(f"val/acc_best is {score}: no finite validation accuracy")
-    return score
+    trial = study_trial(config)
+    tags = trial_tags() | (trial.tags() if trial else {})
+
+    def training() -> dict[str, float]:
+        metrics = run_training(config, output_dir, tags, trial)
+        score = metrics["val/acc_best"]
+        if PRUNED_AT not in metrics and not math.isfinite(score):  # never NaN to a sweeper
+            raise PipelineError(f"val/acc_best is {score}: no finite validation accuracy")
+        return metrics
+
+    # a trial of a search reports to its study: once, from its first rank
+    return trial.run(training, output_dir) if trial and global_rank() == 0 else training()
+
+
+def study_trial(config: TrainJob) -> StudyTrial | None:
+    """The study trial this training is (search.trial, set by the Optuna sweeper); the study's
+    storage and pruner come from the sweeper's own config."""
+    if config.search.trial is None:
+        return None
+    hydra = HydraConfig.get()
+    if hydra.sweeper._target_ != OPTUNA_SWEEPER:
+        raise ConfigError("search.trial is set by hydra/sweeper=optuna, never by hand")
+    options = OmegaConf.to_container(hydra.sweeper, resolve=True)
+    assert isinstance(options, dict)
+    return StudyTrial(
+        storage=default_storage(options["storage"], config.mlflow.tracking_uri),
+        study_name=study_name(
+            options["study_name"], config.mlflow.experiment, hydra.runtime.choices
+        ),
+        number=config.search.trial,
+        monitor=options["monitor"],
+        objective=options["objective"],
+        heartbeat_s=options["heartbeat_s"],
+        pruner=options["pruner"],
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Clients upload and download artifacts through the server (`--artifacts-destination`), so a
 node needs only `MLFLOW_TRACKING_URI=http://HOST:PORT`, no shared filesystem. The database is
 a team's own (`backend_store_uri=postgresql://...`) or a PostgreSQL cluster the project runs
-from Debian's `postgresql` package, its data in DATA_DIR/postgres so that it survives restarts.
+from Debian's `postgresql` package, its data in DATA_DIR/postgres so that it survives restarts;
+that cluster also holds a database for Optuna's studies, whose address the server prints
+(`export OPTUNA_STORAGE=...`) for searches shared by every trial and node.
 Database passwords travel in a libpq password file (PGPASSFILE), never on a command line.
 """
 
@@ -27,6 +29,7 @@ from pipeline.config import ServerJob, mask_password
 from pipeline.errors import PipelineError
 
 DATABASE = "mlflow"  # role and database of the project-run cluster
+STUDIES = "optuna"  # its database for Optuna studies (pipeline/search/): tables of their own
 
 
 def postgres_bin() -> Path:
@@ -56,10 +59,13 @@ class LocalPostgres:
         # postgres refuses to run as root: then it runs as Debian's `postgres` system user
         self.user = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
 
+    def database_uri(self, name: str) -> str:
+        """Without the password, which libpq reads from `passfile`."""
+        return f"postgresql+psycopg://{DATABASE}@127.0.0.1:{self.port}/{name}"
+
     @property
     def uri(self) -> str:
-        """Without the password, which libpq reads from `passfile`."""
-        return f"postgresql+psycopg://{DATABASE}@127.0.0.1:{self.port}/{DATABASE}"
+        return self.database_uri(DATABASE)
 
     def run(self, program: str, *args: str) -> None:
         owner = {"user": self.user.pw_uid, "group": self.user.pw_gid} if self.user else {}
@@ -74,7 +80,18 @@ class LocalPostgres:
             self.create()
         self.run("pg_ctl", "-D", str(self.data), "-w", "-t", "60", "-l", str(self.data / "log"),
                  "-o", f"-h 127.0.0.1 -p {self.port} -k {self.data}", "start")  # fmt: skip
+        self.create_database(STUDIES)  # also in a cluster created before studies had one
         return self.uri
+
+    def create_database(self, name: str) -> None:
+        """Create database `name`, owned by the project's role, unless it exists."""
+        env = {**os.environ, "PGPASSFILE": str(self.passfile)}
+        createdb = [str(postgres_bin() / "createdb"), "-h", "127.0.0.1", "-p", str(self.port)]
+        result = subprocess.run(
+            [*createdb, "-U", DATABASE, name], env=env, capture_output=True, text=True
+        )
+        if result.returncode != 0 and "already exists" not in result.stderr:
+            raise PipelineError(f"createdb {name} failed: {result.stderr.strip()}")
 
     def stop(self) -> None:
         self.run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "stop")
@@ -95,9 +112,7 @@ class LocalPostgres:
         pwfile.unlink()
         self.start()
         try:
-            env = {**os.environ, "PGPASSFILE": str(self.passfile)}
-            createdb = [str(postgres_bin() / "createdb"), "-h", "127.0.0.1", "-p", str(self.port)]
-            subprocess.run([*createdb, "-U", DATABASE, DATABASE], env=env, check=True)
+            self.create_database(DATABASE)
         finally:
             self.stop()
 
@@ -117,17 +132,18 @@ def without_password(uri: str, passfile: Path) -> str:
 
 
 @contextmanager
-def database(cfg: ServerJob) -> Iterator[tuple[str, Path]]:
-    """(backend store URI without password, password file) for the server's lifetime."""
+def database(cfg: ServerJob) -> Iterator[tuple[str, Path, str | None]]:
+    """(backend store URI without password, password file, the studies' database URI or None
+    for a team's own database) for the server's lifetime."""
     directory = Path(cfg.data_dir)
     if cfg.backend_store_uri is not None:
         passfile = directory / "team-pgpass"
-        yield without_password(cfg.backend_store_uri, passfile), passfile
+        yield without_password(cfg.backend_store_uri, passfile), passfile, None
         return
     local = LocalPostgres(directory, cfg.database_port)
     uri = local.start()
     try:
-        yield uri, local.passfile
+        yield uri, local.passfile, local.database_uri(STUDIES)
     finally:
         local.stop()
 
@@ -155,7 +171,7 @@ def serve(cfg: ServerJob) -> None:
     artifacts = Path(cfg.data_dir).resolve() / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
-    with database(cfg) as (store_uri, passfile):
+    with database(cfg) as (store_uri, passfile, studies_uri):
         env = {
             **os.environ,
             "PGPASSFILE": str(passfile.resolve()),
@@ -175,6 +191,8 @@ def serve(cfg: ServerJob) -> None:
         try:
             wait_healthy(url, server)
             print(f"MLflow tracking server on {mask_password(store_uri)}; artifacts in {artifacts}")
+            if studies_uri:  # Optuna's searches share their studies there (libpq: PGPASSFILE)
+                print(f"export OPTUNA_STORAGE={studies_uri} PGPASSFILE={passfile.resolve()}")
             print(f"export MLFLOW_TRACKING_URI={url}", flush=True)
             server.wait()
         except KeyboardInterrupt:

@@ -1,14 +1,14 @@
 """Hydra sweeps (`python -m pipeline.train -m ...`) as one MLflow parent run per sweep.
 
 `SweepTracking`, a Hydra callback registered in conf/config.yaml, opens the parent run before
-the first trial starts (creating the store and the experiment then, so that trials started at
-once in several processes never race to create them) and leaves its id in
-`<sweep dir>/sweep_run.json`. Each trial, in whatever process the launcher runs it, reads that
-file (`trial_tags`) and tags its own run as a child. When the sweep ends the parent records the
-best trial (the settings the sweep chose as `best.*` params, its `val/acc_best`), attaches
-`trials.jsonl` (every trial: status, score or error, run id, overrides) and closes; a sweep that
-stops on a failure closes its parent as FAILED. A trial whose ranks are SLURM tasks
-(`hydra/launcher=slurm`) runs the whole Hydra job in each: only rank 0 records it.
+the first trial starts (`open_sweep_run`) and leaves its id in `<sweep dir>/sweep_run.json`.
+Each trial, in whatever process the launcher runs it, reads that file (`trial_tags`) and tags
+its own run as a child. When the sweep ends the parent records the best trial (the settings the
+sweep chose as `best.*` params, its `val/acc_best`), attaches `trials.jsonl` (every trial:
+status, score or error, run id, overrides) and closes; a sweep that stops on a failure closes
+its parent as FAILED. A trial whose ranks are SLURM tasks (`hydra/launcher=slurm`) runs the
+whole Hydra job in each: only rank 0 records it. An Optuna search's parent run is its study's,
+kept across resumes: its sweeper opens and records it (pipeline/search/run.py).
 
 MLflow is imported by the methods that talk to it: Hydra instantiates this callback for every
 run, sweep or not, before the config is validated, and a typo should fail without waiting
@@ -32,6 +32,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
+
+from pipeline.config import OPTUNA_SWEEPER
+from pipeline.search.study import PRUNED_AT
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,52 @@ def chosen_settings(trial: list[str], sweep: list[str]) -> dict[str, str]:
     }
 
 
+def open_sweep_run(
+    config: DictConfig, tags: dict[str, str] | None = None, run_id: str | None = None
+) -> str:
+    """Create the sweep's parent MLflow run (or reopen `run_id`, a resumed search's, if the
+    store still holds it) and leave its id in `<sweep dir>/sweep_run.json`, where each trial
+    finds it; returns the id. Created before any trial, with the store and the experiment,
+    so that trials started at once in several processes never race to create them."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking.store import experiment_id, open_store
+
+    sweep_dir = Path(config.hydra.sweep.dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    uri, name = config.mlflow.tracking_uri, config.mlflow.experiment
+    tags = {
+        "sweep.dir": str(sweep_dir.resolve()),
+        "sweep.overrides": json.dumps(list(config.hydra.overrides.task)),
+        "sweep.sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1],
+        "sweep.launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
+        **(tags or {}),
+    }
+
+    def open_parent() -> dict[str, str]:
+        client = open_store(uri)
+        experiment = experiment_id(client, name)
+        if run_id is not None:
+            try:
+                reopened = client.get_run(run_id)
+            except MlflowException:
+                reopened = None
+            if reopened is not None and reopened.info.lifecycle_stage == "active":
+                client.update_run(run_id, status="RUNNING")
+                for key, value in tags.items():
+                    client.set_tag(run_id, key, value)
+                return {"run_id": run_id, "experiment_id": reopened.info.experiment_id}
+        run = client.create_run(
+            experiment, tags=tags, run_name=f"sweep-{name}-{uuid.uuid4().hex[:6]}"
+        )
+        return {"run_id": run.info.run_id, "experiment_id": experiment}
+
+    parent = retry(open_parent, f"opening the sweep's MLflow run in {uri}")
+    sweep_file = sweep_dir / SWEEP_FILE
+    sweep_file.write_text(json.dumps({**parent, "tracking_uri": uri}, indent=2) + "\n")
+    return parent["run_id"]
+
+
 class SweepTracking(Callback):
     """One MLflow parent run per Hydra multirun, holding one child run per trial."""
 
@@ -118,32 +167,13 @@ class SweepTracking(Callback):
         self.closed = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from pipeline.tracking.store import experiment_id, open_store
-
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        uri, name = config.mlflow.tracking_uri, config.mlflow.experiment
-
-        def open_parent() -> dict[str, str]:
-            client = open_store(uri)
-            experiment = experiment_id(client, name)
-            tags = {
-                "sweep.dir": str(sweep_dir.resolve()),
-                "sweep.overrides": json.dumps(list(config.hydra.overrides.task)),
-                "sweep.sweeper": config.hydra.sweeper._target_.rsplit(".", 1)[-1],
-                "sweep.launcher": config.hydra.launcher._target_.rsplit(".", 1)[-1],
-            }
-            run = client.create_run(
-                experiment, tags=tags, run_name=f"sweep-{name}-{uuid.uuid4().hex[:6]}"
-            )
-            return {"run_id": run.info.run_id, "experiment_id": experiment, "tracking_uri": uri}
-
-        parent = retry(open_parent, f"creating the sweep's MLflow run in {uri}")
-        self.sweep_file = sweep_dir / SWEEP_FILE
-        self.sweep_file.write_text(json.dumps(parent, indent=2) + "\n")
-        log.info("sweep %s: MLflow parent run %s", sweep_dir, parent["run_id"])
-        # a sweeper that raises (a failed trial under the basic sweeper, too many failures
-        # under Optuna) skips on_multirun_end: close the parent as FAILED when the process ends
+        if config.hydra.sweeper._target_ == OPTUNA_SWEEPER:
+            return  # its parent run is its study's, opened (or reopened) by the sweeper
+        parent = open_sweep_run(config)
+        self.sweep_file = Path(config.hydra.sweep.dir) / SWEEP_FILE
+        log.info("sweep %s: MLflow parent run %s", config.hydra.sweep.dir, parent)
+        # a sweeper that raises (a failed trial under the basic sweeper) skips
+        # on_multirun_end: close the parent as FAILED when the process ends
         atexit.register(self.close, "FAILED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -162,17 +192,21 @@ class SweepTracking(Callback):
         run = read_run(output_dir) if (output_dir / RUN_FILE).is_file() else None
         completed = job_return.status == JobStatus.COMPLETED
         try:
-            score, error = job_return.return_value, None
+            metrics, error = job_return.return_value, None
         except Exception as err:  # the trial's own exception, re-raised by Hydra's JobReturn
-            score, error = None, str(err)
+            metrics, error = {}, str(err)
         if not completed and run is not None:
             client = tracking_client(run["tracking_uri"])
             if client.get_run(run["run_id"]).info.status != "FAILED":
                 retry(lambda: client.set_terminated(run["run_id"], "FAILED"), "ending a run")
         trial = {
             "job": hydra.job.num,
-            "status": "COMPLETED" if completed else "FAILED",
-            "score": score,
+            "status": "FAILED"
+            if not completed
+            else "PRUNED"
+            if PRUNED_AT in metrics
+            else "COMPLETED",
+            "score": metrics.get(SCORE),
             "error": error,
             "run_id": run and run["run_id"],
             "output_dir": str(output_dir),
@@ -224,7 +258,7 @@ class SweepTracking(Callback):
             )
         for key, value in tags.items():
             client.set_tag(parent_id, key, value)
-        for name in ("multirun.yaml", TRIALS_FILE, "optimization_results.yaml"):
+        for name in ("multirun.yaml", TRIALS_FILE):
             if (self.sweep_file.parent / name).is_file():
                 client.log_artifact(parent_id, str(self.sweep_file.parent / name))
         client.set_terminated(parent_id, status)

@@ -1,4 +1,5 @@
-"""Callbacks of every training besides Lightning's own: divergence stop and the progress bar."""
+"""Callbacks of trainings besides Lightning's own: divergence stop, a search's pruning, and the
+progress bar."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
+
+from pipeline.search.study import StudyTrial
 
 
 class StopOnDivergence(L.Callback):
@@ -20,6 +23,30 @@ class StopOnDivergence(L.Callback):
         loss = trainer.callback_metrics.get("train/loss_epoch")
         bad = loss is not None and not bool(torch.isfinite(loss).all())
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
+            self.epoch = trainer.current_epoch
+            trainer.should_stop = True
+
+
+class PruneOnReport(L.Callback):
+    """Reports the monitored metric to the study trial after every validation (rank 0 only),
+    and stops fitting on every rank at once when the study's pruner says so."""
+
+    def __init__(self, trial: StudyTrial) -> None:
+        self.trial = trial
+        self.epoch: int | None = None  # the epoch after which it was pruned
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and trainer.logger is not None:
+            self.trial.record_run(trainer.logger.run_id)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        pruned = False
+        value = trainer.callback_metrics.get(self.trial.monitor)
+        if trainer.is_global_zero and value is not None:
+            pruned = self.trial.report(float(value), trainer.current_epoch)
+        if trainer.strategy.reduce_boolean_decision(pruned, all=False):
             self.epoch = trainer.current_epoch
             trainer.should_stop = True
 

@@ -25,6 +25,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.evaluate import evaluate_run
 from pipeline.evaluation.logged_model import log_model
 from pipeline.models.summary import describe
+from pipeline.search.study import PRUNED_AT, StudyTrial
 from pipeline.tracking.runs import (
     EpochHistory,
     RunRecorder,
@@ -35,7 +36,7 @@ from pipeline.tracking.runs import (
     run_name,
 )
 from pipeline.tracking.store import RUN_FILE, credentials_to_environment, read_run
-from pipeline.training.callbacks import ProgressBar, StopOnDivergence
+from pipeline.training.callbacks import ProgressBar, PruneOnReport, StopOnDivergence
 from pipeline.training.module import Classifier
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,20 @@ def train(
     output_dir: Path,
     run_tags: Mapping[str, str] | None = None,
     extra_callbacks: Sequence[L.Callback] = (),
+    trial: StudyTrial | None = None,
 ) -> dict[str, float]:
     """Fit, test and record one model; returns its final metrics (on rank 0: all of them).
 
     `run_tags` go on a new MLflow run (a sweep trial: `mlflow.parentRunId`); `extra_callbacks`
     join the training's own (`make bench` times the steps with one). A training whose loss stops
-    being finite ends its run as FAILED and raises a PipelineError (on rank 0).
+    being finite ends its run as FAILED and raises a PipelineError (on rank 0). A search's
+    `trial` reports every epoch to its study; pruned, it ends its run as KILLED, untested, and
+    returns the epoch it stopped after (`PRUNED_AT`).
     """
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
+    if cfg.trainer.threads is not None:
+        torch.set_num_threads(cfg.trainer.threads)
     output_dir.mkdir(parents=True, exist_ok=True)
     datamodule = open_data(cfg)
     module = Classifier.from_config(cfg, datamodule.meta)
@@ -71,16 +77,19 @@ def train(
     best, divergence, callbacks = build_callbacks(
         cfg, module, datamodule.meta, output_dir, resumed=run_id is not None
     )
+    pruning = PruneOnReport(trial) if trial else None
     trainer = L.Trainer(
         **cfg.trainer.lightning_args(),
         logger=logger,
-        callbacks=[*callbacks, *extra_callbacks],
+        callbacks=[*callbacks, *([pruning] if pruning else []), *extra_callbacks],
         default_root_dir=output_dir,
     )
 
     trainer.fit(module, datamodule, ckpt_path=checkpoint)
     if divergence.epoch is not None:
         return stop_diverged(cfg, trainer, logger, divergence.epoch, best)
+    if pruning and pruning.epoch is not None:
+        return stop_pruned(trainer, logger, pruning.epoch, best)
     trainer.test(module, datamodule, ckpt_path=best.best_model_path, verbose=trainer.is_global_zero)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["val/acc_best"] = float(best.best_model_score or 0.0)
@@ -116,6 +125,8 @@ def build_callbacks(
             "data_sha256": meta["sha256"],
             "output_dir": str(output_dir.resolve()),
             "model": module.model.network.name,
+            # what the training got: a packed search gives each trial its share of the cores
+            "torch.threads": str(torch.get_num_threads()),
         },
         datasets=dataset_inputs(meta, cfg.paths.processed_dir(cfg.dataset.name)),
         output_dir=output_dir,
@@ -225,3 +236,15 @@ def stop_diverged(
         f"(optimizer.lr={cfg.optimizer.lr}, optimizer.weight_decay="
         f"{cfg.optimizer.weight_decay}); lower the learning rate or the weight decay"
     )
+
+
+def stop_pruned(
+    trainer: L.Trainer, logger: MLFlowLogger, epoch: int, best: ModelCheckpoint
+) -> dict[str, float]:
+    """Every rank stopped after `epoch`, as the study's pruner said; rank 0 ends the run as
+    KILLED, its curves as far as they went, and says so."""
+    if trainer.is_global_zero:
+        logger.experiment.set_tag(logger.run_id, "optuna.state", "PRUNED")
+        logger.experiment.set_terminated(logger.run_id, "KILLED")
+        log.info("pruned after epoch %d: trailing the study's other trials", epoch)
+    return {"val/acc_best": float(best.best_model_score or 0.0), PRUNED_AT: float(epoch)}

@@ -28,6 +28,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from pipeline.config import TrainJob
 from pipeline.errors import PipelineError
+from pipeline.search.study import StudyTrial
 from pipeline.tracking.store import experiment_id, open_store
 from pipeline.training.fit import open_data, train
 
@@ -36,17 +37,22 @@ log = logging.getLogger(__name__)
 NODE_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
 
 
-def run_training(cfg: TrainJob, output_dir: Path, run_tags: Mapping[str, str]) -> dict[str, float]:
+def run_training(
+    cfg: TrainJob,
+    output_dir: Path,
+    run_tags: Mapping[str, str],
+    trial: StudyTrial | None = None,
+) -> dict[str, float]:
     """Train here, or as `trainer.devices` DDP ranks on this node; returns rank 0's metrics
-    (on nodes other than node 0: their first rank's)."""
+    (on nodes other than node 0: their first rank's). A search's `trial` goes to every rank."""
     trainer = cfg.trainer
     # before any rank: processes started together (DDP ranks, SLURM tasks, DVC stages beside a
     # sweep) take turns creating a new store, and its experiment exists before they log to it
     experiment_id(open_store(cfg.mlflow.tracking_uri), cfg.mlflow.experiment)
     if SLURMEnvironment.detect():
-        return train_as_slurm_task(cfg, output_dir, run_tags)
+        return train_as_slurm_task(cfg, output_dir, run_tags, trial)
     if trainer.strategy != "ddp" or trainer.world_size == 1 or TorchElasticEnvironment.detect():
-        return train(cfg, output_dir, run_tags)
+        return train(cfg, output_dir, run_tags, trial=trial)
     launch = LaunchConfig(
         min_nodes=trainer.num_nodes,
         max_nodes=trainer.num_nodes,
@@ -60,7 +66,7 @@ def run_training(cfg: TrainJob, output_dir: Path, run_tags: Mapping[str, str]) -
     )
     open_data(cfg)  # a missing or mismatched dataset fails here, before any rank starts
     try:
-        results = elastic_launch(launch, train_rank)(cfg, output_dir, dict(run_tags))
+        results = elastic_launch(launch, train_rank)(cfg, output_dir, dict(run_tags), trial)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         message = failure.message  # the rank's exception, as @record wrote it
@@ -71,7 +77,7 @@ def run_training(cfg: TrainJob, output_dir: Path, run_tags: Mapping[str, str]) -
 
 
 def train_as_slurm_task(
-    cfg: TrainJob, output_dir: Path, run_tags: Mapping[str, str]
+    cfg: TrainJob, output_dir: Path, run_tags: Mapping[str, str], trial: StudyTrial | None
 ) -> dict[str, float]:
     """Train as the SLURM task this process is: SLURM starts one per rank, on every node.
 
@@ -83,7 +89,8 @@ def train_as_slurm_task(
     log.info(
         "SLURM job %s: rank %s of %s on node %s", job, rank, tasks, os.environ["SLURMD_NODENAME"]
     )
-    return train(cfg, output_dir, {**run_tags, "slurm.job_id": job, "slurm.nodes": nodes})
+    tags = {**run_tags, "slurm.job_id": job, "slurm.nodes": nodes}
+    return train(cfg, output_dir, tags, trial=trial)
 
 
 def slurm_job_id() -> str:
@@ -114,5 +121,7 @@ def rendezvous(num_nodes: int) -> dict[str, object]:
 
 
 @record  # a rank's exception reaches the launcher as its failure message
-def train_rank(cfg: TrainJob, output_dir: Path, run_tags: dict[str, str]) -> dict[str, float]:
-    return train(cfg, output_dir, run_tags)
+def train_rank(
+    cfg: TrainJob, output_dir: Path, run_tags: dict[str, str], trial: StudyTrial | None
+) -> dict[str, float]:
+    return train(cfg, output_dir, run_tags, trial=trial)

@@ -1,0 +1,293 @@
+"""One run of a search command: resume or create the study, ask, launch and settle trials until
+the study holds n_trials, then record it on its MLflow parent run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import FrozenTrial, TrialState
+
+from pipeline.config import OptunaSweeperConfig, mask_password
+from pipeline.errors import SearchError
+from pipeline.search.space import SearchSpace
+from pipeline.search.study import (
+    ERROR_ATTR,
+    PARENT_ATTR,
+    RUN_ATTR,
+    SURPLUS_ATTR,
+    counts_toward_budget,
+    default_storage,
+    heartbeats,
+    open_storage,
+    trial_id,
+)
+from pipeline.search.sweeper import placement, study_name
+from pipeline.tracking.store import tracking_client
+from pipeline.tracking.sweeps import TRIALS_FILE, open_sweep_run
+
+log = logging.getLogger(__name__)
+
+Launch = Callable[[Sequence[Sequence[str]], int], Sequence[JobReturn]]
+ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class Search:
+    """The study `config` and `options` name, searched over `space` with `launch`."""
+
+    def __init__(
+        self, config: DictConfig, options: OptunaSweeperConfig, space: SearchSpace, launch: Launch
+    ) -> None:
+        self.config, self.options, self.space, self.launch = config, options, space, launch
+        self.batch, self.slots = placement(config, options)
+        self.url = default_storage(options.storage, config.mlflow.tracking_uri)
+        self.name = study_name(
+            options.study_name, config.mlflow.experiment, config.hydra.runtime.choices
+        )
+        self.storage = open_storage(self.url, options.heartbeat_s, on_stale=self.ask_again)
+        self.sampler = self.make_sampler(seed_offset=0)
+        self.pruner = instantiate(options.pruner)
+        self.study, created = self.open_study()
+        if not created:
+            # resumed or joined: a seeded sampler started over would ask what was asked before
+            offset = len(self.study.get_trials(deepcopy=False)) + os.getpid()
+            self.study.sampler = self.sampler = self.make_sampler(offset)
+        self.parent = self.open_parent(created)
+        self.next_job = 0
+
+    def make_sampler(self, seed_offset: int) -> optuna.samplers.BaseSampler:
+        config = self.options.sampler
+        args: dict[str, Any] = {}
+        if config["_target_"].endswith("GridSampler"):
+            args["search_space"] = self.space.grid()
+        if seed_offset and config.get("seed") is not None:
+            args["seed"] = config["seed"] + seed_offset
+        return instantiate(config, **args)
+
+    def open_study(self) -> tuple[optuna.Study, bool]:
+        """(the study, whether this process created it)."""
+        common = {"study_name": self.name, "storage": self.storage}
+        try:
+            study = optuna.create_study(
+                **common, sampler=self.sampler, pruner=self.pruner, direction=self.options.direction
+            )
+            return study, True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(**common, sampler=self.sampler, pruner=self.pruner)
+        if study.direction.name.lower() != self.options.direction:
+            raise SearchError(
+                f"study {self.name} in {mask_password(self.url)} is to "
+                f"{study.direction.name.lower()}, hydra.sweeper.direction={self.options.direction}:"
+                " pass another hydra.sweeper.study_name"
+            )
+        return study, False
+
+    def open_parent(self, created: bool) -> str:
+        """The study's MLflow parent run: created with the study, reopened when it resumes."""
+        known = self.study.user_attrs.get(PARENT_ATTR)
+        deadline = time.monotonic() + 60
+        while known is None and not created and time.monotonic() < deadline:
+            time.sleep(0.5)  # the process that created the study is creating its parent run
+            known = self.study.user_attrs.get(PARENT_ATTR)
+        tags = {
+            "optuna.study": self.name,
+            "optuna.storage": mask_password(self.url),
+            "optuna.sampler": type(self.sampler).__name__,
+            "optuna.pruner": type(self.pruner).__name__,
+            "optuna.direction": self.options.direction,
+            "optuna.objective": self.options.objective,
+        }
+        parent = open_sweep_run(self.config, tags, known)
+        if parent != known:
+            self.study.set_user_attr(PARENT_ATTR, parent)
+        return parent
+
+    def run(self) -> None:
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's own sweeper does
+        ended = [t for t in self.study.get_trials(deepcopy=False) if t.state in ENDED]
+        log.info(
+            "study %s in %s: %d of %d trials ended; MLflow parent run %s",
+            self.name, mask_password(self.url), len(ended), self.options.n_trials, self.parent,
+        )  # fmt: skip
+        status = "FAILED"
+        try:
+            self.search()
+            status = "FINISHED"
+        finally:
+            self.record(status)
+
+    def search(self) -> None:
+        while True:
+            optuna.storages.fail_stale_trials(self.study)
+            budget = [t for t in self.study.get_trials(deepcopy=False) if counts_toward_budget(t)]
+            queued = sum(t.state == TrialState.WAITING for t in budget)
+            wanted = min(self.batch, self.options.n_trials - len(budget) + queued)
+            if wanted > 0 and (asked := self.ask(wanted)):
+                self.run_batch(asked)
+                self.check_failures()
+            elif not any(t.state == TrialState.RUNNING for t in budget):
+                return
+            else:  # other processes' trials, or dead ones until their heartbeats go stale
+                time.sleep(self.options.heartbeat_s)
+
+    def ask(self, wanted: int) -> list[optuna.Trial]:
+        """Up to `wanted` trials (queued ones first), none beyond the study's n_trials."""
+        asked = []
+        for _ in range(wanted):
+            trial = self.study.ask(self.space.distributions)
+            ahead = [
+                t
+                for t in self.study.get_trials(deepcopy=False)
+                if t.number < trial.number and counts_toward_budget(t)
+            ]
+            if len(ahead) >= self.options.n_trials:  # another sweep process asked first
+                trial.set_user_attr(SURPLUS_ATTR, True)
+                self.study.tell(trial, state=TrialState.FAIL)
+                break
+            self.storage.record_heartbeat(trial_id(self.storage, self.name, trial.number))
+            asked.append(trial)
+        return asked
+
+    def run_batch(self, asked: list[optuna.Trial]) -> None:
+        batch = [
+            [*self.space.overrides(t.params), f"search.trial={t.number}", *self.slot(i)]
+            for i, t in enumerate(asked)
+        ]
+        for trial, overrides in zip(asked, batch, strict=True):
+            log.info("trial %d: %s", trial.number, " ".join(overrides))
+        ids = [trial_id(self.storage, self.name, t.number) for t in asked]
+        with heartbeats(self.storage, ids, self.options.heartbeat_s):
+            jobs = self.launch(batch, self.next_job)
+        self.next_job += len(batch)
+        trials = self.study.get_trials(deepcopy=False)
+        for trial, job in zip(asked, jobs, strict=True):
+            if trials[trial.number].state == TrialState.RUNNING:  # it never told: say why
+                trial.set_user_attr(ERROR_ATTR, job_error(job))
+                self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            ended = self.study.get_trials(deepcopy=False)[trial.number]
+            value = "" if ended.value is None else f" {self.options.objective} = {ended.value:.4f}"
+            error = ended.user_attrs.get(ERROR_ATTR, "")
+            log.info("trial %d: %s%s %s", trial.number, ended.state.name, value, error)
+
+    def slot(self, index: int) -> list[str]:
+        return self.slots[index % len(self.slots)] if self.slots else []
+
+    def check_failures(self) -> None:
+        failed = [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if ERROR_ATTR in t.user_attrs
+        ]
+        if len(failed) > self.options.max_failure_rate * self.options.n_trials:
+            raise SearchError(
+                f"{len(failed)} trials of study {self.name} failed, more than "
+                f"hydra.sweeper.max_failure_rate={self.options.max_failure_rate} of its "
+                f"{self.options.n_trials}; the last: {failed[-1].user_attrs[ERROR_ATTR]}"
+            )
+
+    def ask_again(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """A running trial whose heartbeats stopped: queue it again, end its MLflow run."""
+        optuna.storages.RetryHeartbeatStaleTrialCallback()(study, trial)
+        log.warning(
+            "trial %d sent no heartbeat for %d s (its process died): failed, and queued again",
+            trial.number, self.options.heartbeat_s * 4,
+        )  # fmt: skip
+        if RUN_ATTR in trial.user_attrs:
+            client = tracking_client(self.config.mlflow.tracking_uri)
+            client.set_tag(trial.user_attrs[RUN_ATTR], "optuna.state", "FAIL")
+            client.set_terminated(trial.user_attrs[RUN_ATTR], "KILLED")
+
+    def record(self, status: str) -> None:
+        """The study on its parent run: the best trial (Optuna's best_trial), counts, every
+        trial as a table, Optuna's figures; then the run ends with `status`."""
+        client = tracking_client(self.config.mlflow.tracking_uri)
+        trials = self.study.get_trials(deepcopy=False)
+        ended = [t for t in trials if t.state in ENDED and counts_toward_budget(t)]
+        states = Counter(t.state.name for t in ended)
+        tags = {
+            "sweep.trials": str(len(ended)),
+            "sweep.trials_pruned": str(states["PRUNED"]),
+            "sweep.trials_failed": str(states["FAIL"]),
+        }
+        best = self.best_trial()
+        if best is not None:
+            run_id = best.user_attrs.get(RUN_ATTR, "")
+            client.log_metric(self.parent, self.options.objective, best.value, step=len(trials))
+            tags |= {f"best.{key}": str(value) for key, value in best.params.items()}
+            tags |= {"best.trial": str(best.number), "best_run_id": run_id}
+            log.info(
+                "sweep best: %s = %.4f with %s (trial %d, run %s)",
+                self.options.objective, best.value,
+                " ".join(f"{k}={v}" for k, v in best.params.items()), best.number, run_id,
+            )  # fmt: skip
+        for key, value in tags.items():
+            client.set_tag(self.parent, key, value)
+        with tempfile.TemporaryDirectory() as scratch:
+            for path in [self.table(Path(scratch)), *self.figures(Path(scratch))]:
+                client.log_artifact(self.parent, str(path), "study")
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        for name in ("multirun.yaml", TRIALS_FILE):
+            if (sweep_dir / name).is_file():
+                client.log_artifact(self.parent, str(sweep_dir / name))
+        client.set_terminated(self.parent, status)
+
+    def best_trial(self) -> FrozenTrial | None:
+        try:
+            return self.study.best_trial
+        except ValueError:  # no trial finished
+            return None
+
+    def table(self, directory: Path) -> Path:
+        path = directory / "trials.csv"
+        self.study.trials_dataframe().to_csv(path, index=False)
+        return path
+
+    def figures(self, directory: Path) -> list[Path]:
+        """Optuna's optimisation history, intermediate values and parameter importances."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as plots
+
+        drawn = []
+        for name, plot in [
+            ("optimization_history", plots.plot_optimization_history),
+            ("intermediate_values", plots.plot_intermediate_values),
+            ("param_importances", plots.plot_param_importances),
+        ]:
+            try:
+                kwargs: dict[str, Any] = {}
+                if name != "intermediate_values":
+                    kwargs["target_name"] = self.options.objective
+                axes = plot(self.study, **kwargs)
+            except Exception as err:  # e.g. importances of fewer than two finished trials
+                log.info("study figure %s not drawn: %s", name, err)
+                continue
+            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            drawn.append(directory / f"{name}.png")
+            figure.savefig(drawn[-1], dpi=100, bbox_inches="tight")
+            plt.close(figure)
+        return drawn
+
+
+def job_error(job: JobReturn) -> str:
+    """Why a job ended without telling its trial a result, in a line."""
+    if job.status != JobStatus.FAILED:
+        return "the trial returned without telling the study its result"
+    try:
+        job.return_value  # noqa: B018  (re-raises the job's exception)
+    except Exception as err:
+        return (str(err) or type(err).__name__).strip().splitlines()[0]
+    return "failed"
