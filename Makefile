@@ -7,8 +7,8 @@ VENV := .venv
 UV := .tools/bin/uv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install system-packages test test-fast demo lint format bench gpu-wheels gpu-check ui \
-	server clean
+.PHONY: install system-packages test test-fast demo lint format bench bench-search gpu-wheels \
+	gpu-check ui server clean
 
 install: $(VENV)/.installed
 
@@ -86,6 +86,10 @@ format: install
 bench: install
 	python -m benchmarks.bench
 	python -m benchmarks.startup
+
+# the digits search (24 trials x 30 epochs) without and with median pruning, side by side
+bench-search: install
+	python -m benchmarks.search
 
 # The GPU path on a bare, offline GPU machine with its own torch (benchmarks/gpu_check.py):
 # `make gpu-wheels` here saves what such a machine lacks into .whl/ (benchmarks/gpu_wheels.py);

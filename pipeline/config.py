@@ -581,7 +581,8 @@ class OptunaSweeperConfig:
     # trials sharing one GPU (each pinned to one: trainer.device); on CPU each trial run at
     # once gets its share of the cores (trainer.threads)
     trials_per_device: int = 1
-    # the search stops, as failed, when more than this share of one batch's trials fail
+    # the search stops, as failed, once more than this share of n_trials failed (a trial that
+    # diverges or crashes fails; a pruned one does not)
     max_failure_rate: float = 0.5
     # seconds between a running trial's heartbeats; one silent for 4 of them has died (its
     # process was killed): it is failed and asked again

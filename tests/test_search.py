@@ -179,6 +179,31 @@ def test_two_sweep_processes_share_one_study_and_its_budget(tmp_path, data_dir):
     assert len({r[0].data.tags[PARENT_TAG] for r in runs.values()}) == 1
 
 
+@pytest.mark.parametrize(
+    ("sampler", "space"),
+    [
+        ("grid", "optimizer.lr=choice(0.05,0.01)"),
+        ("cmaes", "optimizer.lr=tag(log,interval(0.005,0.1))"),
+        ("gp", "optimizer.lr=tag(log,interval(0.005,0.1))"),
+    ],
+)
+def test_each_sampler_runs_a_search(sampler, space, tmp_path, data_dir):
+    overrides = ("trainer.max_epochs=1", "hydra.sweeper.n_trials=2", space)
+    finish(start(tmp_path, data_dir, "sweep", f"hydra/sweeper/sampler={sampler}", *overrides),
+           tmp_path, "sweep")  # fmt: skip
+    searched = study(tmp_path)
+    assert [t.state.name for t in searched.trials] == ["COMPLETE", "COMPLETE"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(searched.user_attrs[PARENT_ATTR])
+    named = {"grid": "GridSampler", "cmaes": "CmaEsSampler", "gp": "GPSampler"}[sampler]
+    assert parent.data.tags["optuna.sampler"] == named
+    lrs = [t.params["optimizer.lr"] for t in searched.trials]
+    if sampler == "grid":  # every point of the grid, once
+        assert sorted(lrs) == [0.01, 0.05]
+    else:
+        assert all(0.005 <= lr <= 0.1 for lr in lrs)
+
+
 BAD_INPUT = [
     ("hydra/sweeper/sampler=tpee", "Available options in 'hydra/sweeper/sampler'"),
     ("hydra/sweeper/pruner=medain", "Available options in 'hydra/sweeper/pruner'"),

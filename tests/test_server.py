@@ -1,9 +1,11 @@
 """The team tracking server: `python -m pipeline.server`, a real `mlflow server` on a real
-PostgreSQL, on 127.0.0.1; trainings, sweeps and DDP log into it over HTTP."""
+PostgreSQL, on 127.0.0.1; trainings, sweeps and DDP log into it over HTTP, and an Optuna search
+keeps its study in the same PostgreSQL."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import signal
 import socket
@@ -14,14 +16,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from pipeline.errors import PipelineError
 from pipeline.tracking.server import LocalPostgres, postgres_bin
 from pipeline.tracking.store import read_run
 from pipeline.tracking.sweeps import PARENT_TAG, SCORE
 from tests.conftest import env, needs
+from tests.test_search import GOOD_AND_BAD, SEARCH, STUDY
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("server")]
 
@@ -235,4 +240,52 @@ def test_a_training_outlives_a_server_restart_and_keeps_every_epoch(
     server_output = server.log.read_text()
     assert password not in server_output and password not in output
     assert "postgresql+psycopg://mlflow@127.0.0.1" in server_output  # named without it
+    server.stop()
+
+
+def test_a_search_of_ddp_trials_prunes_through_its_study_in_the_servers_postgresql(
+    tmp_path, data_dir, database_dir, servers, monkeypatch
+):
+    server = Server(tmp_path / "server", f"data_dir={database_dir}", f"database_port={free_port()}")
+    servers.append(server.start())
+    # the server names the studies' database, its password in libpq's file: as a user exports
+    storage, passfile = re.search(
+        r"^export OPTUNA_STORAGE=(\S+) PGPASSFILE=(\S+)$", server.log.read_text(), re.MULTILINE
+    ).groups()
+    monkeypatch.setenv("OPTUNA_STORAGE", storage)
+    monkeypatch.setenv("PGPASSFILE", passfile)
+    epochs = 4
+    train(
+        tmp_path,
+        data_dir,
+        server.url,
+        *SEARCH,
+        *GOOD_AND_BAD,
+        f"trainer.max_epochs={epochs}",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.pruner.n_startup_trials=1",
+        "hydra.sweeper.pruner.n_warmup_steps=1",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "-m",
+    )
+    assert not (tmp_path / "mlruns").exists() and not list(tmp_path.rglob("optuna.db"))
+    study = optuna.load_study(study_name=STUDY, storage=storage)
+    trials = study.get_trials()
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE", "PRUNED", "PRUNED"]
+    client = MlflowClient(server.url)
+    for trial in trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.params["trainer.devices"] == "2"
+        curve = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
+        # rank 0 reported each epoch once; a pruned trial's ranks stopped together, early
+        assert len(curve) == len(trial.intermediate_values) == len(set(curve))
+        pruned = trial.state == TrialState.PRUNED
+        assert run.info.status == ("KILLED" if pruned else "FINISHED")
+        assert (len(curve) < epochs) if pruned else (len(curve) == epochs)
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.tags["optuna.storage"] == storage  # no password in it to mask
+    assert parent.data.tags["best_run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
     server.stop()

@@ -1,7 +1,8 @@
 """Sweeps whose trials are SLURM jobs (`hydra/launcher=slurm`), on a real two-node SLURM cluster
 on loopback (tests/slurm.py), on the real digits data: trials that are 2-node DDP trainings
 whose ranks SLURM starts, and a trial that SLURM requeues mid-training and that resumes in its
-own directory and MLflow run as if nothing had happened."""
+own directory and MLflow run as if nothing had happened, and an Optuna search whose trials, SLURM
+jobs, share a study in PostgreSQL."""
 
 from __future__ import annotations
 
@@ -9,17 +10,23 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline.tracking.server import STUDIES, LocalPostgres
 from pipeline.tracking.store import read_run
-from tests.conftest import SHARED_RUN, cli, env
+from pipeline.tracking.sweeps import SCORE
+from tests.conftest import SHARED_RUN, cli, env, needs
 from tests.slurm import SlurmCluster
+from tests.test_search import SEARCH, STUDY
+from tests.test_server import free_port, postgres_installed
 from tests.test_sweeps import QUICK, assert_parent_records_the_best, sweep_runs, trials
 from tests.test_train import val_curve
 
@@ -199,3 +206,43 @@ def test_requeued_trial_resumes_in_its_dir_and_run_and_matches_an_uninterrupted_
     assert sorted(resumed_curve) == every_epoch
     straight = val_curve(MlflowClient(straight_uri), read_run(straight_dir)["run_id"])
     assert resumed_curve == straight
+
+
+@pytest.fixture
+def studies_database() -> Iterator[str]:
+    """The project's PostgreSQL (as `make server` runs it) and its studies' database: the URI
+    a user exports as OPTUNA_STORAGE, its password in libpq's file (PGPASSFILE)."""
+    needs(postgres_installed(), "PostgreSQL (Debian's postgresql: `make system-packages`)")
+    directory = Path(tempfile.mkdtemp(prefix="convnet-pipeline-studies-"))
+    directory.chmod(0o755)  # reachable by PostgreSQL's own user when the tests run as root
+    database = LocalPostgres(directory, free_port())
+    database.start()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PGPASSFILE", str(database.passfile))
+        patch.setenv("OPTUNA_STORAGE", database.database_uri(STUDIES))
+        yield database.database_uri(STUDIES)
+    database.stop()
+    shutil.rmtree(directory)
+
+
+def test_a_search_of_slurm_jobs_shares_its_postgresql_study(
+    slurm, studies_database, tmp_path, data_dir
+):
+    sweep = start_sweep(
+        slurm, tmp_path, data_dir, *SEARCH, "trainer.max_epochs=2", "hydra.sweeper.n_trials=2"
+    )
+    finish(sweep, slurm, tmp_path)
+
+    study = optuna.load_study(study_name=STUDY, storage=studies_database)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    client, parent, children = sweep_runs(tmp_path)
+    assert parent.info.run_id == study.user_attrs["mlflow_parent_run_id"]
+    assert parent.data.tags["sweep.launcher"] == "SlurmLauncher"
+    assert not list(tmp_path.rglob("optuna.db"))  # the study lives in PostgreSQL only
+    for trial in trials:  # each a SLURM job that reported its epochs and result to the study
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["slurm.job_id"] and run.data.tags["optuna.state"] == "COMPLETE"
+        assert len(trial.intermediate_values) == 2
+        assert run.data.metrics[SCORE] == pytest.approx(trial.value)
+    assert {r.info.run_id for r in children} == {t.user_attrs["mlflow_run_id"] for t in trials}

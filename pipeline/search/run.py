@@ -176,12 +176,15 @@ class Search:
                 trial.set_user_attr(ERROR_ATTR, job_error(job))
                 self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             ended = self.study.get_trials(deepcopy=False)[trial.number]
-            value = "" if ended.value is None else f" {self.options.objective} = {ended.value:.4f}"
-            error = ended.user_attrs.get(ERROR_ATTR, "")
-            log.info("trial %d: %s%s %s", trial.number, ended.state.name, value, error)
+            said = [ended.state.name]
+            if ended.value is not None:
+                said.append(f"{self.options.objective} = {ended.value:.4f}")
+            said.append(ended.user_attrs.get(ERROR_ATTR, ""))
+            log.info("trial %d: %s", trial.number, " ".join(said).strip())
 
     def slot(self, index: int) -> list[str]:
-        return self.slots[index % len(self.slots)] if self.slots else []
+        """The placement overrides of the batch's `index`-th trial (none: left as it is)."""
+        return self.slots[index] if self.slots else []
 
     def check_failures(self) -> None:
         failed = [

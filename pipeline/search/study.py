@@ -66,6 +66,8 @@ def quiet_optuna() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # heartbeats with ask-and-tell, not Study.optimize, are this search's own design
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 
 def open_storage(
@@ -145,7 +147,7 @@ def heartbeats(storage: Any, trial_ids: list[int], every_s: float) -> Iterator[N
         thread.join()
 
 
-_OPENED: dict[tuple[int, str, str], tuple[Any, Any]] = {}
+_OPENED: dict[tuple[int, str, str, int], tuple[Any, Any, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -161,9 +163,10 @@ class StudyTrial:
     heartbeat_s: int
     pruner: Mapping[str, Any] = field(default_factory=dict)  # `_target_` config
 
-    def opened(self) -> tuple[optuna.storages.RDBStorage, optuna.Study]:
-        """(storage, study) of this process: a forked DDP rank opens its own connections."""
-        key = (os.getpid(), self.storage, self.study_name)
+    def opened(self) -> tuple[optuna.storages.RDBStorage, optuna.Study, optuna.Trial]:
+        """(storage, study, trial) of this process: a forked DDP rank opens its own
+        connections."""
+        key = (os.getpid(), self.storage, self.study_name, self.number)
         if key not in _OPENED:
             import optuna
             from hydra.utils import instantiate
@@ -171,14 +174,12 @@ class StudyTrial:
             storage = open_storage(self.storage, self.heartbeat_s)
             pruner = instantiate(dict(self.pruner)) if self.pruner else None
             study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=pruner)
-            _OPENED[key] = (storage, study)
+            trial = optuna.Trial(study, trial_id(storage, self.study_name, self.number))
+            _OPENED[key] = (storage, study, trial)
         return _OPENED[key]
 
     def trial(self) -> optuna.Trial:
-        import optuna
-
-        storage, study = self.opened()
-        return optuna.Trial(study, trial_id(storage, self.study_name, self.number))
+        return self.opened()[2]
 
     def report(self, value: float, epoch: int) -> bool:
         """Report `monitor` after `epoch`; whether the pruner stops the trial."""
@@ -198,7 +199,7 @@ class StudyTrial:
         study (finished, pruned, or failed with its error) and tagged on its MLflow run."""
         from optuna.trial import TrialState
 
-        storage, study = self.opened()
+        storage, study, _ = self.opened()
         state = study.get_trials(deepcopy=False)[self.number].state
         if state != TrialState.RUNNING:
             raise SearchError(
@@ -228,8 +229,8 @@ class StudyTrial:
     def fail(self, error: str, output_dir: Path) -> None:
         from optuna.trial import TrialState
 
-        _, study = self.opened()
-        self.trial().set_user_attr(ERROR_ATTR, error[:1000])
+        _, study, trial = self.opened()
+        trial.set_user_attr(ERROR_ATTR, error[:1000])
         study.tell(self.number, state=TrialState.FAIL, skip_if_finished=True)
         tag_run(output_dir, "FAIL")
 
