@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from pipeline.search.study import ERROR_ATTR, PARENT_ATTR, RUN_ATTR
+from pipeline.search.study import ERROR_ATTR, PARENT_ATTR, RUN_ATTR, open_storage
 from pipeline.tracking.sweeps import PARENT_TAG, SCORE
 from tests.conftest import cli, env
 
@@ -57,7 +57,18 @@ def finish(search: subprocess.Popen, tmp: Path, name: str) -> str:
 
 
 def study(tmp: Path) -> optuna.Study:
-    return optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp / 'optuna.db'}")
+    """The search's study (its storage opened as the search opens it: taking turns with it
+    while a new sqlite file gets its tables)."""
+    storage = open_storage(f"sqlite:///{tmp / 'optuna.db'}", heartbeat_s=5)
+    return optuna.load_study(study_name=STUDY, storage=storage)
+
+
+def trials_so_far(tmp: Path) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials, none while the search is still creating it."""
+    try:
+        return study(tmp).get_trials()
+    except KeyError:  # no such study yet (also while its new storage has no tables)
+        return []
 
 
 def runs_by_trial(client: MlflowClient) -> dict[int, list]:
@@ -132,7 +143,7 @@ def test_a_search_killed_mid_trial_resumes_its_study_and_parent_run(tmp_path, da
     first = start(tmp_path, data_dir, "first", *overrides)
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:  # until the second trial has reported an epoch
-        trials = study(tmp_path).get_trials() if (tmp_path / "optuna.db").is_file() else []
+        trials = trials_so_far(tmp_path)
         running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
         if any(t.state == TrialState.COMPLETE for t in trials) and running:
             break

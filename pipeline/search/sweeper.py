@@ -98,25 +98,32 @@ def launcher_parallelism(launcher: DictConfig) -> int | None:
 def placement(config: DictConfig, options: OptunaSweeperConfig) -> tuple[int, list[list[str]]]:
     """(trials asked at once, each one's placement overrides by its slot in the batch).
 
-    On this machine, single-device GPU trainings run trials_per_device to a GPU, each pinned
-    to one (trainer.device), and CPU trainings share the cores (trainer.threads). A cluster
-    places its jobs itself; a placement fixed on the command line stays."""
+    On this machine, single-device trainings share the cores (trainer.threads), and GPU ones
+    run trials_per_device to a GPU, each pinned to one (trainer.device). A cluster places its
+    jobs itself, DDP trials have devices of their own, and a setting given on the command line
+    stays."""
     trainer = config.trainer
     parallel = launcher_parallelism(config.hydra.launcher)
     if parallel is None:
         return options.n_jobs or config.hydra.launcher.get("array_parallelism", 1), []
-    single = trainer.strategy != "ddp" and trainer.devices == 1 and trainer.num_nodes == 1
-    if trainer.accelerator in ("gpu", "cuda") and single and trainer.device is None:
+    gpu = trainer.accelerator in ("gpu", "cuda")
+    gpus = 0
+    if gpu and trainer.device is None:
         import torch
 
-        gpus, per_gpu = max(torch.cuda.device_count(), 1), options.trials_per_device
-        batch = options.n_jobs or per_gpu * gpus
-        return batch, [[f"trainer.device={slot // per_gpu % gpus}"] for slot in range(batch)]
-    batch = options.n_jobs or parallel
-    if trainer.accelerator != "cpu" or trainer.threads is not None:
+        gpus = torch.cuda.device_count()
+    batch = options.n_jobs or (options.trials_per_device * gpus if gpus else parallel)
+    single = trainer.strategy != "ddp" and trainer.devices == 1 and trainer.num_nodes == 1
+    if not single:
         return batch, []
-    threads = max(1, (os.cpu_count() or 1) // min(batch, parallel))
-    return batch, [[f"trainer.threads={threads}"]] * batch
+    slots: list[list[str]] = [[] for _ in range(batch)]
+    if trainer.threads is None:
+        threads = max(1, (os.cpu_count() or 1) // min(batch, parallel))
+        slots = [[*slot, f"trainer.threads={threads}"] for slot in slots]
+    if gpus:
+        per_gpu = options.trials_per_device
+        slots = [[*slot, f"trainer.device={i // per_gpu % gpus}"] for i, slot in enumerate(slots)]
+    return batch, slots
 
 
 def study_name(configured: str | None, experiment: str, choices: Mapping[str, Any]) -> str:
