@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from pipeline.search.study import (
     open_storage,
     trial_id,
 )
-from pipeline.search.sweeper import placement, study_name
+from pipeline.search.sweeper import launcher_parallelism, placement, study_name
 from pipeline.tracking.store import tracking_client
 from pipeline.tracking.sweeps import TRIALS_FILE, open_sweep_run
 
@@ -50,6 +51,8 @@ class Search:
     ) -> None:
         self.config, self.options, self.space, self.launch = config, options, space, launch
         self.batch, self.slots = placement(config, options)
+        # jobs in processes of this machine: trials are launched from threads, a slot each
+        self.concurrent = (launcher_parallelism(config.hydra.launcher) or 1) > 1
         self.url = default_storage(options.storage, config.mlflow.tracking_uri)
         self.name = study_name(
             options.study_name, config.mlflow.experiment, config.hydra.runtime.choices
@@ -64,6 +67,9 @@ class Search:
             self.study.sampler = self.sampler = self.make_sampler(offset)
         self.parent = self.open_parent(created)
         self.next_job = 0
+        # launched trials by their job (a trial, or one batch), with their slots
+        self.running: dict[Future, list[tuple[optuna.Trial, int]]] = {}
+        self.beating: set[int] = set()  # the storage ids of the trials in flight
 
     def make_sampler(self, seed_offset: int) -> optuna.samplers.BaseSampler:
         config = self.options.sampler
@@ -128,18 +134,57 @@ class Search:
             self.record(status)
 
     def search(self) -> None:
-        while True:
-            optuna.storages.fail_stale_trials(self.study)
-            budget = [t for t in self.study.get_trials(deepcopy=False) if counts_toward_budget(t)]
-            queued = sum(t.state == TrialState.WAITING for t in budget)
-            wanted = min(self.batch, self.options.n_trials - len(budget) + queued)
-            if wanted > 0 and (asked := self.ask(wanted)):
-                self.run_batch(asked)
-                self.check_failures()
-            elif not any(t.state == TrialState.RUNNING for t in budget):
-                return
-            else:  # other processes' trials, or dead ones until their heartbeats go stale
-                time.sleep(self.options.heartbeat_s)
+        """Keep up to `batch` trials running until the study holds n_trials. A launcher that
+        runs its jobs in processes of this machine (joblib) gets each trial alone, from a
+        thread per slot, so that a slot whose trial ended (pruned, say) takes the next one at
+        once; others (basic: in this process; SLURM: one job array) get each batch whole."""
+        pool = ThreadPoolExecutor(self.batch, "trial") if self.concurrent else InThisThread()
+        with pool, heartbeats(self.storage, self.beating, self.options.heartbeat_s):
+            while True:
+                optuna.storages.fail_stale_trials(self.study)
+                budget = [
+                    t for t in self.study.get_trials(deepcopy=False) if counts_toward_budget(t)
+                ]
+                queued = sum(t.state == TrialState.WAITING for t in budget)
+                self.launch_into_free_slots(pool, self.options.n_trials - len(budget) + queued)
+                if self.running:
+                    self.settle_ended()
+                elif not any(t.state == TrialState.RUNNING for t in budget):
+                    return
+                else:  # other processes' trials, or dead ones until their heartbeats go stale
+                    time.sleep(self.options.heartbeat_s)
+
+    def launch_into_free_slots(self, pool: Executor, left: int) -> None:
+        """Ask for up to `left` trials, one per free slot, and launch them."""
+        busy = {slot for group in self.running.values() for _, slot in group}
+        free = [slot for slot in range(self.batch) if slot not in busy][: max(left, 0)]
+        asked = list(zip(self.ask(len(free)), free, strict=False)) if free else []
+        groups = [[pair] for pair in asked] if self.concurrent else [asked] if asked else []
+        for group in groups:
+            overrides = [self.overrides(trial, slot) for trial, slot in group]
+            self.beating.update(trial_id(self.storage, self.name, t.number) for t, _ in group)
+            self.running[pool.submit(self.launch, overrides, self.next_job)] = group
+            self.next_job += len(group)
+
+    def settle_ended(self) -> None:
+        """Wait (a heartbeat at most) for launched trials to end, and settle those that did."""
+        done, _ = wait(self.running, self.options.heartbeat_s, FIRST_COMPLETED)
+        for job in done:
+            group = self.running.pop(job)
+            for (trial, _), ended in zip(group, job.result(), strict=True):
+                self.beating.discard(trial_id(self.storage, self.name, trial.number))
+                self.settle(trial, ended)
+        self.check_failures()
+
+    def overrides(self, trial: optuna.Trial, slot: int) -> list[str]:
+        """A trial's command line: the search space's values, its number, its placement."""
+        overrides = [
+            *self.space.overrides(trial.params),
+            f"search.trial={trial.number}",
+            *(self.slots[slot] if self.slots else []),
+        ]
+        log.info("trial %d: %s", trial.number, " ".join(overrides))
+        return overrides
 
     def ask(self, wanted: int) -> list[optuna.Trial]:
         """Up to `wanted` trials (queued ones first), none beyond the study's n_trials."""
@@ -159,32 +204,18 @@ class Search:
             asked.append(trial)
         return asked
 
-    def run_batch(self, asked: list[optuna.Trial]) -> None:
-        batch = [
-            [*self.space.overrides(t.params), f"search.trial={t.number}", *self.slot(i)]
-            for i, t in enumerate(asked)
-        ]
-        for trial, overrides in zip(asked, batch, strict=True):
-            log.info("trial %d: %s", trial.number, " ".join(overrides))
-        ids = [trial_id(self.storage, self.name, t.number) for t in asked]
-        with heartbeats(self.storage, ids, self.options.heartbeat_s):
-            jobs = self.launch(batch, self.next_job)
-        self.next_job += len(batch)
-        trials = self.study.get_trials(deepcopy=False)
-        for trial, job in zip(asked, jobs, strict=True):
-            if trials[trial.number].state == TrialState.RUNNING:  # it never told: say why
-                trial.set_user_attr(ERROR_ATTR, job_error(job))
-                self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            ended = self.study.get_trials(deepcopy=False)[trial.number]
-            said = [ended.state.name]
-            if ended.value is not None:
-                said.append(f"{self.options.objective} = {ended.value:.4f}")
-            said.append(ended.user_attrs.get(ERROR_ATTR, ""))
-            log.info("trial %d: %s", trial.number, " ".join(said).strip())
-
-    def slot(self, index: int) -> list[str]:
-        """The placement overrides of the batch's `index`-th trial (none: left as it is)."""
-        return self.slots[index] if self.slots else []
+    def settle(self, trial: optuna.Trial, job: JobReturn) -> None:
+        """A trial's job ended: fail it if it never told the study its result, and say how it
+        ended."""
+        if self.study.get_trials(deepcopy=False)[trial.number].state == TrialState.RUNNING:
+            trial.set_user_attr(ERROR_ATTR, job_error(job))
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        ended = self.study.get_trials(deepcopy=False)[trial.number]
+        said = [ended.state.name]
+        if ended.value is not None:
+            said.append(f"{self.options.objective} = {ended.value:.4f}")
+        said.append(ended.user_attrs.get(ERROR_ATTR, ""))
+        log.info("trial %d: %s", trial.number, " ".join(said).strip())
 
     def check_failures(self) -> None:
         failed = [
@@ -294,3 +325,16 @@ def job_error(job: JobReturn) -> str:
     except Exception as err:
         return (str(err) or type(err).__name__).strip().splitlines()[0]
     return "failed"
+
+
+class InThisThread(Executor):
+    """Runs each submitted call at once, in the calling thread: the basic launcher runs its
+    jobs in this process, where trainings must own the main thread (signal handlers)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as err:
+            future.set_exception(err)
+        return future

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,13 +124,14 @@ def counts_toward_budget(trial: optuna.trial.FrozenTrial) -> bool:
 
 
 @contextlib.contextmanager
-def heartbeats(storage: Any, trial_ids: list[int], every_s: float) -> Iterator[None]:
-    """Record the trials' heartbeats every `every_s` seconds while the block runs."""
+def heartbeats(storage: Any, trial_ids: Collection[int], every_s: float) -> Iterator[None]:
+    """Record the heartbeats of the trials in `trial_ids` (which may change meanwhile) every
+    `every_s` seconds while the block runs."""
     stop = threading.Event()
 
     def beat() -> None:
         while True:
-            for number in trial_ids:
+            for number in list(trial_ids):
                 try:
                     storage.record_heartbeat(number)
                 except Exception as err:  # a busy or restarting database: the next beat

@@ -1,11 +1,11 @@
 """`hydra/sweeper=optuna`: Hydra's Sweeper plugin over Optuna's ask-and-tell API.
 
-    sweeper (this process)                   trial (any launcher, process or node)
-      study = create or load (storage)         study = load (storage), trial = search.trial
-      ask a batch ──overrides, search.trial──▶ launcher ──▶ train: report val/acc each epoch,
-                                                            stop when pruned; tell the result
-      wait; fail what never told ◀── JobReturn ◀──┘
-      parent MLflow run: the study's best trial, its figures
+    sweeper (this process)                   each trial (any launcher, process or node)
+      create or load the study (storage)       load the study; its trial: search.trial
+      ask a trial per free slot ─overrides─▶ launcher ─▶ train: report val/acc each epoch,
+                                               stop when pruned, tell the study its result
+      fail what never told ◀─ JobReturn ◀─┘
+      parent MLflow run: the best trial, figures
 
 The budget is the study's: n_trials trials end, over every run of the command (a rerun
 resumes) and every sweep process sharing the study (trial numbers come from the storage, and a
