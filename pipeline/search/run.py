@@ -69,7 +69,9 @@ class Search:
         self.next_job = 0
         # launched trials by their job (a trial, or one batch), with their slots
         self.running: dict[Future, list[tuple[optuna.Trial, int]]] = {}
-        self.beating: set[int] = set()  # the storage ids of the trials in flight
+        # the storage ids of the trials in flight, by number: this process beats for them while
+        # they wait (a SLURM queue) or run, their own processes while they run
+        self.in_flight: dict[int, int] = {}
 
     def make_sampler(self, seed_offset: int) -> optuna.samplers.BaseSampler:
         config = self.options.sampler
@@ -139,7 +141,7 @@ class Search:
         thread per slot, so that a slot whose trial ended (pruned, say) takes the next one at
         once; others (basic: in this process; SLURM: one job array) get each batch whole."""
         pool = ThreadPoolExecutor(self.batch, "trial") if self.concurrent else InThisThread()
-        with pool, heartbeats(self.storage, self.beating, self.options.heartbeat_s):
+        with pool, heartbeats(self.storage, self.in_flight.values(), self.options.heartbeat_s):
             while True:
                 optuna.storages.fail_stale_trials(self.study)
                 budget = [
@@ -162,7 +164,6 @@ class Search:
         groups = [[pair] for pair in asked] if self.concurrent else [asked] if asked else []
         for group in groups:
             overrides = [self.overrides(trial, slot) for trial, slot in group]
-            self.beating.update(trial_id(self.storage, self.name, t.number) for t, _ in group)
             self.running[pool.submit(self.launch, overrides, self.next_job)] = group
             self.next_job += len(group)
 
@@ -172,7 +173,6 @@ class Search:
         for job in done:
             group = self.running.pop(job)
             for (trial, _), ended in zip(group, job.result(), strict=True):
-                self.beating.discard(trial_id(self.storage, self.name, trial.number))
                 self.settle(trial, ended)
         self.check_failures()
 
@@ -200,17 +200,19 @@ class Search:
                 trial.set_user_attr(SURPLUS_ATTR, True)
                 self.study.tell(trial, state=TrialState.FAIL)
                 break
-            self.storage.record_heartbeat(trial_id(self.storage, self.name, trial.number))
+            self.in_flight[trial.number] = trial_id(self.storage, self.name, trial.number)
+            self.storage.record_heartbeat(self.in_flight[trial.number])
             asked.append(trial)
         return asked
 
     def settle(self, trial: optuna.Trial, job: JobReturn) -> None:
         """A trial's job ended: fail it if it never told the study its result, and say how it
         ended."""
-        if self.study.get_trials(deepcopy=False)[trial.number].state == TrialState.RUNNING:
+        stored_id = self.in_flight.pop(trial.number)
+        if self.storage.get_trial(stored_id).state == TrialState.RUNNING:
             trial.set_user_attr(ERROR_ATTR, job_error(job))
             self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-        ended = self.study.get_trials(deepcopy=False)[trial.number]
+        ended = self.storage.get_trial(stored_id)
         said = [ended.state.name]
         if ended.value is not None:
             said.append(f"{self.options.objective} = {ended.value:.4f}")

@@ -148,7 +148,7 @@ def heartbeats(storage: Any, trial_ids: Collection[int], every_s: float) -> Iter
         thread.join()
 
 
-_OPENED: dict[tuple[int, str, str, int], tuple[Any, Any, Any]] = {}
+_OPENED: dict[tuple[int, str, str, int], tuple[Any, Any, Any, int]] = {}
 
 
 @dataclass(frozen=True)
@@ -164,9 +164,9 @@ class StudyTrial:
     heartbeat_s: int
     pruner: Mapping[str, Any] = field(default_factory=dict)  # `_target_` config
 
-    def opened(self) -> tuple[optuna.storages.RDBStorage, optuna.Study, optuna.Trial]:
-        """(storage, study, trial) of this process: a forked DDP rank opens its own
-        connections."""
+    def opened(self) -> tuple[optuna.storages.RDBStorage, optuna.Study, optuna.Trial, int]:
+        """(storage, study, trial, its storage id) of this process: a forked DDP rank opens its
+        own connections."""
         key = (os.getpid(), self.storage, self.study_name, self.number)
         if key not in _OPENED:
             import optuna
@@ -175,8 +175,8 @@ class StudyTrial:
             storage = open_storage(self.storage, self.heartbeat_s)
             pruner = instantiate(dict(self.pruner)) if self.pruner else None
             study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=pruner)
-            trial = optuna.Trial(study, trial_id(storage, self.study_name, self.number))
-            _OPENED[key] = (storage, study, trial)
+            stored_id = trial_id(storage, self.study_name, self.number)
+            _OPENED[key] = (storage, study, optuna.Trial(study, stored_id), stored_id)
         return _OPENED[key]
 
     def trial(self) -> optuna.Trial:
@@ -200,16 +200,15 @@ class StudyTrial:
         study (finished, pruned, or failed with its error) and tagged on its MLflow run."""
         from optuna.trial import TrialState
 
-        storage, study, _ = self.opened()
-        state = study.get_trials(deepcopy=False)[self.number].state
+        storage, study, _, stored_id = self.opened()
+        state = storage.get_trial(stored_id).state
         if state != TrialState.RUNNING:
             raise SearchError(
                 f"trial {self.number} of study {self.study_name} is {state.name}, not running: "
                 "its heartbeats stopped (queued for longer than the sweep waits?); it is asked "
                 "again"
             )
-        number = trial_id(storage, self.study_name, self.number)
-        with heartbeats(storage, [number], self.heartbeat_s):
+        with heartbeats(storage, [stored_id], self.heartbeat_s):
             try:
                 metrics = training()
             except Exception as err:
@@ -230,7 +229,7 @@ class StudyTrial:
     def fail(self, error: str, output_dir: Path) -> None:
         from optuna.trial import TrialState
 
-        _, study, trial = self.opened()
+        _, study, trial, _ = self.opened()
         trial.set_user_attr(ERROR_ATTR, error[:1000])
         study.tell(self.number, state=TrialState.FAIL, skip_if_finished=True)
         tag_run(output_dir, "FAIL")

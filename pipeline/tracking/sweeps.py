@@ -190,22 +190,20 @@ class SweepTracking(Callback):
 
         output_dir = Path(hydra.runtime.output_dir)
         run = read_run(output_dir) if (output_dir / RUN_FILE).is_file() else None
-        completed = job_return.status == JobStatus.COMPLETED
+        status = "COMPLETED" if job_return.status == JobStatus.COMPLETED else "FAILED"
         try:
             metrics, error = job_return.return_value, None
         except Exception as err:  # the trial's own exception, re-raised by Hydra's JobReturn
             metrics, error = {}, str(err)
-        if not completed and run is not None:
+        if PRUNED_AT in metrics:
+            status = "PRUNED"
+        if status == "FAILED" and run is not None:
             client = tracking_client(run["tracking_uri"])
             if client.get_run(run["run_id"]).info.status != "FAILED":
                 retry(lambda: client.set_terminated(run["run_id"], "FAILED"), "ending a run")
         trial = {
             "job": hydra.job.num,
-            "status": "FAILED"
-            if not completed
-            else "PRUNED"
-            if PRUNED_AT in metrics
-            else "COMPLETED",
+            "status": status,
             "score": metrics.get(SCORE),
             "error": error,
             "run_id": run and run["run_id"],

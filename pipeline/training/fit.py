@@ -242,9 +242,9 @@ def stop_pruned(
     trainer: L.Trainer, logger: MLFlowLogger, epoch: int, best: ModelCheckpoint
 ) -> dict[str, float]:
     """Every rank stopped after `epoch`, as the study's pruner said; rank 0 ends the run as
-    KILLED, its curves as far as they went, and says so."""
+    KILLED, its curves as far as they went (the trial tags it with its state when it tells the
+    study: pipeline.search.study)."""
     if trainer.is_global_zero:
-        logger.experiment.set_tag(logger.run_id, "optuna.state", "PRUNED")
         logger.experiment.set_terminated(logger.run_id, "KILLED")
         log.info("pruned after epoch %d: trailing the study's other trials", epoch)
     return {"val/acc_best": float(best.best_model_score or 0.0), PRUNED_AT: float(epoch)}
