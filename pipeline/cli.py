@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,10 +44,11 @@ def compose_config(config_name: str, schema: type[T], overrides: Sequence[str] =
 def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:
     """Wrap `task(cfg)` as a Hydra main over `conf/<config_name>.yaml`.
 
-    A PipelineError (bad config, unreachable mirror, corrupt download...) is printed as one
-    message, without a traceback, and the process exits with status 1. In a sweep (`-m`) it is
-    raised on instead, so that the sweeper records the trial as failed rather than the whole
-    sweep ending.
+    A PipelineError (bad config, unreachable mirror, corrupt download...) or an OSError (a
+    full disk, a folder it may not write) is printed as one message, without a traceback
+    (HYDRA_FULL_ERROR=1 shows it), and the process exits with status 1. In a sweep (`-m`) it
+    is raised on instead, so that the sweeper records the trial as failed rather than the
+    whole sweep ending.
     """
 
     def wrap(task: Callable[[DictConfig], object]) -> Callable[[], None]:
@@ -53,9 +56,12 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], 
         def main(cfg: DictConfig) -> object:
             try:
                 return task(cfg)
-            except PipelineError as err:
-                log.error("%s", err)
-                if HydraConfig.get().mode == RunMode.MULTIRUN:
+            except (PipelineError, OSError) as err:
+                log.error("%s", err if isinstance(err, PipelineError) else os_error_advice(err))
+                if (
+                    HydraConfig.get().mode == RunMode.MULTIRUN
+                    or os.environ.get("HYDRA_FULL_ERROR") == "1"
+                ):
                     raise
                 sys.exit(1)
 
@@ -64,3 +70,18 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], 
         )
 
     return wrap
+
+
+OS_ADVICE = {
+    errno.ENOSPC: "free some space on that disk and run the same command again",
+    errno.EDQUOT: "free some of your disk quota and run the same command again",
+    errno.EACCES: "check that you may write there, or point the config at a folder you own",
+    errno.EPERM: "check that you may write there, or point the config at a folder you own",
+    errno.EROFS: "that file system is read-only: point the config at a writable folder",
+}
+
+
+def os_error_advice(err: OSError) -> str:
+    """An OSError as one line: what failed, on which file, and what to do about it."""
+    advice = OS_ADVICE.get(err.errno or 0, "check that path, then run the same command again")
+    return f"{err}; {advice}"
