@@ -6,6 +6,8 @@ was trained with) and a state dict read with `weights_only=True`. Nothing on the
 checkpoint to a served model is unpickled beyond tensors. Its signature takes uint8 images
 N x C x H x W, any H and W for GAP and SPP heads (MLflow refuses other sizes for an fc head,
 naming the one it takes); it answers each image's class index, class name and probabilities.
+The model's own code refuses, with an MlflowException (served: a 400 saying why), images below
+its network's smallest size and pixels all 0 or 1 (floats in [0, 1] cast to the uint8).
 The model carries the run's params, its test metrics and links to its run and checkpoint.
 
 A registered model's `champion` alias points at its version with the best test accuracy: a new

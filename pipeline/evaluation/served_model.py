@@ -9,10 +9,22 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.config import DatasetConfig, ModelConfig
-from pipeline.models import ImageClassifier, build_model
+from pipeline.models import ImageClassifier, InputShapeError, build_model
+
+
+class RefusedInput(MlflowException, ValueError):
+    """Input the signature let through but the network cannot read. An MlflowException, so
+    that `mlflow models serve` answers 400 with this message alone (any other exception: a
+    generic message and the stack trace, server paths included); a ValueError for Python
+    callers, like the network's own InputShapeError."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 class ServedClassifier(mlflow.pyfunc.PythonModel):
@@ -29,8 +41,10 @@ class ServedClassifier(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         """uint8 images N x C x H x W -> a row per image: class index, name, probabilities."""
+        images = torch.as_tensor(model_input)
+        self.refuse_unreadable(images)
         with torch.no_grad():
-            probabilities = self.model(torch.as_tensor(model_input)).softmax(dim=1)
+            probabilities = self.model(images).softmax(dim=1)
         indices = probabilities.argmax(dim=1).tolist()
         return pd.DataFrame(
             {
@@ -39,6 +53,21 @@ class ServedClassifier(mlflow.pyfunc.PythonModel):
                 "probabilities": probabilities.double().numpy().tolist(),
             }
         )
+
+    def refuse_unreadable(self, images: torch.Tensor) -> None:
+        """Refuse images too small (GAP, SPP) or of another size (fc), and images that can only
+        have been floats in [0, 1]: the signature's uint8 comes first (MLflow casts the JSON of a
+        request to it, truncating fractions; out-of-range values it refuses itself), so floats
+        reach the model as pixels of 0 and 1, which no digit image is."""
+        try:
+            self.model.network.check_input(tuple(images.shape))
+        except InputShapeError as error:
+            raise RefusedInput(str(error)) from None
+        if images.numel() and images.max() <= 1:
+            raise RefusedInput(
+                "input pixels are all 0 or 1, as floats in [0, 1] become when cast to the "
+                "signature's uint8; this model takes uint8 pixels 0-255 (multiply by 255 and round)"
+            )
 
 
 set_model(ServedClassifier())
