@@ -60,6 +60,8 @@ def bench_load(directory: Path, repeats: int = 5) -> list[float]:
     """Seconds to load a 70,000-image split written by the preprocess stage's writer."""
     split = fake_split(70_000)
     save_split(directory, "load", split)
+    # what preprocess records: the load checks each split against its sha256
+    write_meta(directory, {"splits": {"load": {"sha256": split.sha256()}}})
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

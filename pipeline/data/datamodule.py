@@ -62,22 +62,25 @@ class Batches:
 
 
 class TensorDataModule(L.LightningDataModule):
-    """The train/val/test splits written by `pipeline.data.preprocess`."""
+    """The train/val/test splits written by `pipeline.data.preprocess`.
+
+    The splits are read and verified when the module is made, on the CPU, so that missing or
+    damaged data stops a training before it has started an MLflow run or written anything;
+    `setup` moves them to the training's device.
+    """
 
     def __init__(self, directory: str | Path, batch_size: int, eval_batch_size: int, seed: int):
         super().__init__()
         self.directory = Path(directory)
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         self.meta: dict[str, Any] = read_meta(self.directory)
-        self.splits: dict[str, Split] = {}
+        self.splits: dict[str, Split] = {name: load_split(self.directory, name) for name in SPLITS}
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-        for name in SPLITS:
-            split = load_split(self.directory, name)
-            self.splits[name] = Split(*(t.to(device) for t in split))
+        self.splits = {
+            name: Split(*(t.to(device) for t in split)) for name, split in self.splits.items()
+        }
 
     def _batches(self, name: str, batch_size: int, shuffle: bool = False) -> Batches:
         rank, world = (

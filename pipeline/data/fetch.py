@@ -4,12 +4,14 @@
 
 Mirrors are tried in order. Everything is downloaded into a staging directory that becomes
 `data/raw/NAME` only once every file matches its checksum, so a failed or corrupt download
-leaves nothing a later stage could mistake for good data.
+leaves nothing a later stage could mistake for good data (and an earlier download as it was).
+A mirror's failure moves on to the next mirror; a failure to write here (a full disk) ends the
+stage at once, as no mirror can help with it.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import http.client
 import logging
 import shutil
@@ -22,7 +24,7 @@ from omegaconf import DictConfig
 
 from pipeline.cli import hydra_entry
 from pipeline.config import DatasetConfig, PrepareJob, validate
-from pipeline.data.sources import SOURCES, RawSource
+from pipeline.data.sources import SOURCES, RawSource, checksum_mismatches, describe_mismatch
 from pipeline.data.store import atomic_directory
 from pipeline.errors import PipelineError
 
@@ -30,30 +32,15 @@ log = logging.getLogger(__name__)
 
 # What a dead mirror, a dropped connection or a bad download raises inside torchvision.
 DOWNLOAD_ERRORS = (OSError, RuntimeError, http.client.HTTPException)
-
-
-def md5_of(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "md5").hexdigest()
-
-
-def checksum_mismatches(root: Path, checksums: dict[str, str]) -> dict[str, str | None]:
-    """Configured files under `root` that are missing (None) or have another md5 (that md5)."""
-    found = {path.name: path for path in root.rglob("*") if path.is_file()}
-    mismatches: dict[str, str | None] = {}
-    for name, expected in sorted(checksums.items()):
-        if name not in found:
-            mismatches[name] = None
-        elif (actual := md5_of(found[name])) != expected:
-            mismatches[name] = actual
-    return mismatches
+# ...and what writing the download here raises: an error of this disk, not of the mirror
+LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _diagnose(error: Exception | None, staging: Path, checksums: dict[str, str]) -> str | None:
     """Why one download attempt failed, or None if every file arrived intact."""
     mismatches = checksum_mismatches(staging, checksums)
     corrupt = [
-        f"{name} has md5 {actual}, expected {checksums[name]}"
+        describe_mismatch(name, actual, checksums)
         for name, actual in mismatches.items()
         if actual is not None
     ]
@@ -85,7 +72,7 @@ def _clear(directory: Path) -> None:
 
 def _try_mirrors(source: RawSource, cfg: DatasetConfig, staging: Path) -> None:
     """Fill `staging` from the first mirror that serves every file intact."""
-    attempts = ["(bundled copy)"] if source.offline else cfg.mirrors
+    attempts = ["the bundled copy"] if source.offline else cfg.mirrors
     failures = []
     for mirror in attempts:
         log.info("fetching %s from %s", cfg.name, mirror)
@@ -93,22 +80,27 @@ def _try_mirrors(source: RawSource, cfg: DatasetConfig, staging: Path) -> None:
         try:
             source.download(cfg, mirror, staging)
         except DOWNLOAD_ERRORS as err:
+            if isinstance(err, OSError) and err.errno in LOCAL_ERRNOS:
+                raise
             error = err
         failure = _diagnose(error, staging, cfg.checksums)
         if failure is None:
             return
-        failures.append(f"  - {mirror}: {failure}")
+        failures.append(f"{mirror}: {failure}")
         _clear(staging)
-    hint = (
-        f"Point dataset.mirrors (conf/dataset/{cfg.name}.yaml, or on the command line "
-        f"dataset.mirrors=[http://host/path/]) at a mirror that serves "
-        f"{', '.join(sorted(cfg.checksums))}."
-    )
-    raise PipelineError(
-        f"could not fetch dataset '{cfg.name}'; tried:\n"
-        + ("\n".join(failures) if failures else "  (no mirrors: dataset.mirrors is empty)")
-        + ("" if source.offline else "\n" + hint)
-    )
+    if source.offline:
+        hint = (
+            "the bundled copy comes with an installed package: reinstall the versions uv.lock "
+            f"pins (`make install`), or correct dataset.checksums in conf/dataset/{cfg.name}.yaml"
+        )
+    else:
+        hint = (
+            f"point dataset.mirrors (conf/dataset/{cfg.name}.yaml, or on the command line "
+            f"dataset.mirrors=[http://host/path/]) at a mirror that serves "
+            f"{', '.join(sorted(cfg.checksums))}"
+        )
+    tried = "; ".join(failures) if failures else "dataset.mirrors is empty"
+    raise PipelineError(f"could not fetch dataset '{cfg.name}' ({tried}): {hint}")
 
 
 def fetch(cfg: PrepareJob) -> Path:

@@ -6,8 +6,10 @@ Train and val are a seed-determined partition of the source's training pool; tes
 official test split (or, for sources without one, a third seed-determined part). Outputs go to
 `data/processed/NAME/{train,val,test}.npz` and `meta.json` (shapes, counts per split and per
 class, content checksums, the train split's per-channel mean and std), written into a staging
-directory that replaces the old output only when complete. All of it is numpy: torch is
-imported only by the sources that read their files with torchvision.
+directory that replaces the old output only when complete. The raw files are checked against
+the config's md5s first, as the fetch stage checked them: one damaged since is named, rather
+than failing deep inside a decoder. All of it is numpy: torch is imported only by the sources
+that read their files with torchvision.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from omegaconf import DictConfig
 
 from pipeline.cli import hydra_entry
 from pipeline.config import DatasetConfig, PrepareJob, require, validate
-from pipeline.data.sources import SOURCES, RawData
-from pipeline.data.store import Split, atomic_directory, save_split, write_meta
+from pipeline.data.sources import SOURCES, RawData, checksum_mismatches, describe_mismatch
+from pipeline.data.store import Split, atomic_directory, data_command, save_split, write_meta
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,16 @@ def preprocess(cfg: PrepareJob) -> Path:
     if not raw_dir.is_dir():
         raise PipelineError(
             f"no raw files for '{dataset.name}' in {raw_dir}: run "
-            f"`python -m pipeline.data.fetch dataset={dataset.name}` (or `dvc repro`) first"
+            f"{data_command('fetch', raw_dir)} (or `dvc repro`) first"
+        )
+    if mismatches := checksum_mismatches(raw_dir, dataset.checksums):
+        found = "; ".join(
+            describe_mismatch(name, actual, dataset.checksums)
+            for name, actual in mismatches.items()
+        )
+        raise PipelineError(
+            f"the raw files of '{dataset.name}' in {raw_dir} are not those fetched ({found}): "
+            f"run {data_command('fetch', raw_dir)} (or `dvc repro`) again"
         )
     raw = SOURCES[dataset.source].load(dataset, raw_dir)
     shape = tuple(raw.train_images.shape[1:])

@@ -2,16 +2,19 @@
 
 Downloading, checksums and archive handling are torchvision's: a source only points a
 torchvision dataset class at one mirror with the md5s from the config, then reads the
-decoded arrays it exposes (no per-sample PIL work). numpy and torchvision are imported where
-they are used: the offline digits need no torchvision (nor torch) at all, and their fetch
-stage not even numpy.
+decoded arrays it exposes (no per-sample PIL work). `checksum_mismatches` is the check of a
+source's files against the config's md5s that the fetch stage makes after downloading and the
+preprocess stage before reading. numpy and torchvision are imported where they are used: the
+offline digits need no torchvision (nor torch) at all, and their fetch stage not even numpy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import shutil
+import urllib.request
 from abc import ABC, abstractmethod
 from functools import cached_property
 from pathlib import Path
@@ -73,6 +76,40 @@ def _md5(cfg: DatasetConfig, filename: str) -> str:
         ) from None
 
 
+def md5_of(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "md5").hexdigest()
+
+
+def checksum_mismatches(root: Path, checksums: dict[str, str]) -> dict[str, str | None]:
+    """Configured files under `root` that are missing (None) or have another md5 (that md5)."""
+    found = {path.name: path for path in root.rglob("*") if path.is_file()}
+    mismatches: dict[str, str | None] = {}
+    for name, expected in sorted(checksums.items()):
+        if name not in found:
+            mismatches[name] = None
+        elif (actual := md5_of(found[name])) != expected:
+            mismatches[name] = actual
+    return mismatches
+
+
+def describe_mismatch(name: str, actual: str | None, checksums: dict[str, str]) -> str:
+    """One entry of `checksum_mismatches`, in words."""
+    if actual is None:
+        return f"{name} is missing"
+    return f"{name} has md5 {actual}, expected {checksums[name]}"
+
+
+class SizedFileHandler(urllib.request.FileHandler):
+    """`file://` responses with the `length` of an HTTP response, which torchvision's downloader
+    reads: without it a `file://` mirror (the config allows them) fails with an AttributeError."""
+
+    def file_open(self, req: urllib.request.Request) -> Any:
+        response = super().file_open(req)
+        response.length = int(response.headers["Content-length"])
+        return response
+
+
 class TorchvisionSource(RawSource):
     """A torchvision dataset class (named as the source is), re-pointed at one mirror and
     the configured md5s."""
@@ -95,6 +132,8 @@ class TorchvisionSource(RawSource):
         return type(self.base.__name__, (self.base,), self._overrides(cfg, mirror))
 
     def download(self, cfg: DatasetConfig, mirror: str, root: Path) -> None:
+        if mirror.startswith("file://"):  # torchvision downloads with urllib's global opener
+            urllib.request.install_opener(urllib.request.build_opener(SizedFileHandler))
         self._configured(cfg, mirror)(str(root), train=True, download=True)
 
     def load(self, cfg: DatasetConfig, root: Path) -> RawData:

@@ -3,9 +3,11 @@ end of a training (`train.evaluate=true`) and `python -m pipeline.evaluate` (DVC
 
 It writes to an output directory metrics.json, the plot data DVC reads (predictions.csv for the
 confusion matrix, resolution.csv for accuracy versus input size) and PNG figures, and logs all
-of them to the training's MLflow run. The resolution curve is the question He et al. 2015 and
-Lin et al. 2013 answer with SPP and GAP: those heads take each size natively; fc heads only
-their training size, so their images are resized back to it.
+of them to the training's MLflow run; the files reach the output directory only once all are
+written and logged, so a failed evaluation leaves the directory as it was. The resolution
+curve is the question He et al. 2015 and Lin et al. 2013 answer with SPP and GAP: those heads
+take each size natively; fc heads only their training size, so their images are resized back
+to it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +23,10 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
+from pipeline.checkpoints import read_checkpoint
 from pipeline.config import DatasetConfig, EvaluationConfig, ModelConfig
 from pipeline.data.augment import resize
-from pipeline.data.store import Split
+from pipeline.data.store import Split, staged_files
 from pipeline.errors import PipelineError
 from pipeline.evaluation.figures import (
     Curve,
@@ -172,13 +176,48 @@ def log_to_run(run_dir: Path, files: list[Path], evaluation: Evaluation) -> None
         ) from None
 
 
+def check_run_dir(run_dir: Path, checkpoint: str) -> None:
+    """Fail, saying what to pass instead, unless `run_dir` is a training's output directory
+    that holds `checkpoint`."""
+    pass_one = "pass run_dir=DIR, the output directory of a training (outputs/DATE/TIME)"
+    if not run_dir.is_dir():
+        problem = "is a file" if run_dir.exists() else "does not exist"
+        raise PipelineError(f"run_dir={run_dir} {problem}: {pass_one}")
+    saved = sorted(path.name for path in (run_dir / "checkpoints").glob("*.ckpt"))
+    if not saved and not (run_dir / RUN_FILE).is_file():
+        raise PipelineError(
+            f"run_dir={run_dir} is not a training's output (no {RUN_FILE}, no "
+            f"checkpoints/*.ckpt): {pass_one}"
+        )
+    if not (run_dir / checkpoint).is_file():
+        choice = f" (it has checkpoints/{', checkpoints/'.join(saved)})" if saved else ""
+        raise PipelineError(
+            f"no checkpoint {checkpoint} in run_dir={run_dir}: pass checkpoint=FILE, relative "
+            f"to run_dir{choice}, or finish that training first "
+            f"(`python -m pipeline.train train.resume={run_dir}`)"
+        )
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Fail before evaluating, rather than after, where `out_dir` cannot be made or written."""
+    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())
+    if not existing.is_dir():
+        problem = f"{existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"you may not write in {existing}"
+    else:
+        return
+    raise PipelineError(
+        f"out_dir={out_dir} cannot be written ({problem}): pass out_dir=DIR, a folder you can "
+        "write (or leave it out: RUN_DIR/eval)"
+    )
+
+
 def load_checkpoint(path: Path) -> ImageClassifier:
     """The classifier a training's Lightning checkpoint holds (pipeline.training.module keeps
     it as `model`, built from the checkpoint's plain hyperparameters), read without Lightning."""
-    if not path.is_file():
-        raise PipelineError(f"no checkpoint at {path}: train first (python -m pipeline.train)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    checkpoint = read_checkpoint(path, device)
     hparams = checkpoint["hyper_parameters"]
     dataset = DatasetConfig(**hparams["dataset"])
     network = build_model(ModelConfig(**hparams["model"]), dataset)
@@ -198,9 +237,10 @@ def evaluate_run(
     """Evaluate `module` on `test`, write the reports to `out_dir` and log them to the MLflow
     run of the training in `run_dir` (when it has one)."""
     evaluation = evaluate(module, test, cfg.scales, cfg.batch_size)
-    files = write_reports(evaluation, module, test, out_dir)
-    if (run_dir / RUN_FILE).is_file():
-        log_to_run(run_dir, files, evaluation)
+    with staged_files(out_dir) as staging:
+        files = write_reports(evaluation, module, test, staging)
+        if (run_dir / RUN_FILE).is_file():
+            log_to_run(run_dir, files, evaluation)
     sizes = ", ".join(f"{r['size']}px {r['accuracy']:.4f}" for r in evaluation.resolution)
     log.info(
         "test accuracy %.4f; by input size (%s takes %d px up): %s",
