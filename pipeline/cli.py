@@ -28,6 +28,10 @@ log = logging.getLogger("pipeline")
 OmegaConf.register_new_resolver(
     "coalesce", lambda *values: next((v for v in values if v is not None), None), replace=True
 )
+# ${if_set:x,a,b}: a when x is not null, else b (a resumed training's own .hydra folder)
+OmegaConf.register_new_resolver(
+    "if_set", lambda value, then, otherwise: otherwise if value is None else then, replace=True
+)
 
 
 def compose_config(config_name: str, schema: type[T], overrides: Sequence[str] = ()) -> T:
@@ -77,6 +81,7 @@ OS_ADVICE = {
     errno.EDQUOT: "free some of your disk quota and run the same command again",
     errno.EACCES: "check that you may write there, or point the config at a folder you own",
     errno.EPERM: "check that you may write there, or point the config at a folder you own",
+    errno.EFBIG: "a file-size limit (ulimit -f) or the file system caps that file's size",
     errno.EROFS: "that file system is read-only: point the config at a writable folder",
 }
 

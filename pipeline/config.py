@@ -402,13 +402,28 @@ class EvaluationConfig:
         require(self.batch_size >= 1, "evaluation.batch_size", self.batch_size, "an integer >= 1")
 
 
+# settings a resumed training can take anew (pipeline/training/resume.py): the optimizer's, the
+# model's and the scheduler's live on in the checkpoint's state
+CHANGEABLE_ON_RESUME = (
+    "trainer.max_epochs",
+    "data.batch_size",
+    "data.augment.flip",
+    "data.augment.max_shift",
+    "data.augment.scale_range",
+    "train.label_smoothing",
+)
+
+
 @dataclass
 class RunOptions:
     """`train`: options of one training run."""
 
     label_smoothing: float = 0.0
-    # output directory of an interrupted training: continue it, in the same MLflow run
+    # output directory of an interrupted training: continue it, in the same MLflow run. Every
+    # setting must be the checkpoint's, but where and how it runs (devices, threads, store...)
     resume: str | None = None
+    # settings this resume changes on purpose (of CHANGEABLE_ON_RESUME), recorded in its run
+    resume_changes: list[str] = field(default_factory=list)
     # evaluate the best checkpoint at the end (dvc.yaml: off, its evaluate stage does it)
     evaluate: bool = True
 
@@ -419,6 +434,8 @@ class RunOptions:
             self.label_smoothing,
             "0 <= value < 1",
         )
+        for key in self.resume_changes:
+            one_of(key, "train.resume_changes", CHANGEABLE_ON_RESUME)
 
 
 @dataclass
@@ -440,6 +457,12 @@ class TrackingConfig:
     log_checkpoint: bool = True  # the best checkpoint as a run artifact
     # the best weights as an MLflow model (pyfunc: config and state dict), to register and serve
     log_model: bool = True
+    # seconds a tracking server may take to answer before a training starts (it fails then,
+    # naming the URI); once it started, MLflow's own retries ride out a short outage
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        require(0 < self.timeout_s <= 600, "mlflow.timeout_s", self.timeout_s, "0 < seconds <= 600")
 
 
 @dataclass

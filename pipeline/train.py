@@ -28,12 +28,14 @@ from pipeline.config import OPTUNA_SWEEPER, TrainJob, validate
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.search.study import PRUNED_AT, StudyTrial, default_storage
 from pipeline.search.sweeper import study_name
+from pipeline.tracking.preflight import check_store
 from pipeline.tracking.sweeps import global_rank, trial_tags
 
 
 @hydra_entry("config")
 def main(cfg: DictConfig) -> dict[str, float]:
     config = validate(cfg, TrainJob)
+    check_store(config.mlflow.tracking_uri, config.mlflow.timeout_s)
     # after validating: a bad config fails before torch, Lightning and MLflow are imported
     from pipeline.training.launch import run_training
 

@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -95,11 +96,24 @@ def dataset_inputs(meta: Mapping[str, Any], directory: Path) -> list[DatasetInpu
     return inputs
 
 
+def ended_status(status: str) -> str:
+    """MLflow's status for a run that ends while handling the current exception, if any: KILLED
+    when its user pressed Ctrl-C (Lightning says "failed" for every interruption)."""
+    return "KILLED" if isinstance(sys.exception(), KeyboardInterrupt) else status
+
+
+class RunLogger(MLFlowLogger):
+    """Lightning's MLflow logger, which ends a run stopped by Ctrl-C as KILLED."""
+
+    def finalize(self, status: str = "success") -> None:
+        super().finalize(ended_status(status))
+
+
 def run_logger(
     experiment: str, name: str, tracking_uri: str, run_id: str | None, tags: Mapping[str, str]
 ) -> MLFlowLogger:
     """The training's logger: a new run named `name` with `tags`, or run `run_id` resumed."""
-    return MLFlowLogger(
+    return RunLogger(
         experiment_name=experiment,
         run_name=name,
         tracking_uri=credentials_to_environment(tracking_uri),
@@ -119,9 +133,10 @@ class RunRecorder(L.Callback):
         tags: Mapping[str, str],
         datasets: list[DatasetInput],
         output_dir: Path,
-        resumed: bool,
+        resumed: Mapping[str, str] | None,
     ) -> None:
-        """`config`: the training's resolved config as plain values."""
+        """`config`: the training's resolved config as plain values; `resumed`: None for a new
+        run, else the tags the resume adds to its run (what it changed on purpose)."""
         uri = mask_password(config["mlflow"]["tracking_uri"])
         self.config = {**config, "mlflow": {**config["mlflow"], "tracking_uri": uri}}
         self.summary = summary
@@ -136,10 +151,12 @@ class RunRecorder(L.Callback):
         client, run_id = logger.experiment, logger.run_id
         run = {"run_id": run_id, "tracking_uri": self.config["mlflow"]["tracking_uri"]}
         (self.output_dir / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
-        if self.resumed:
+        if self.resumed is not None:
             # running again: an interrupted start may have ended it (Lightning ends a run as
             # FAILED when SLURM stops the job with SIGTERM); its params are already there
             client.update_run(run_id, status="RUNNING")
+            for key, value in self.resumed.items():
+                client.set_tag(run_id, key, value)
             return
         logger.log_hyperparams(dict(flatten(self.config)))
         for key, value in self.tags.items():
@@ -175,7 +192,7 @@ class SystemMetrics(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        self.stop("FAILED")
+        self.stop(ended_status("FAILED"))
 
     def stop(self, status: str) -> None:
         active = mlflow.active_run()

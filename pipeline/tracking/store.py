@@ -13,13 +13,16 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import mask_password
+from pipeline.errors import PipelineError
 
 RUN_FILE = "run.json"
+# creating a sqlite store's tables takes seconds: a process holding its lock for longer is stuck
+STORE_LOCK_S = 120
 
 
 def read_run(output_dir: Path) -> dict[str, str]:
@@ -60,9 +63,16 @@ def open_store(tracking_uri: str) -> MlflowClient:
     database = sqlite_database(tracking_uri)
     if database:
         database.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{database}.lock") if database else contextlib.nullcontext():
-        client = tracking_client(tracking_uri)
-        client.search_experiments(max_results=1)
+    lock = FileLock(f"{database}.lock", timeout=STORE_LOCK_S) if database else None
+    try:
+        with lock or contextlib.nullcontext():
+            client = tracking_client(tracking_uri)
+            client.search_experiments(max_results=1)
+    except Timeout as err:
+        raise PipelineError(
+            f"{lock.lock_file} stayed locked for {STORE_LOCK_S} s: another process is stuck "
+            "creating that MLflow store; stop it, or use another mlflow.tracking_uri"
+        ) from err
     return client
 
 

@@ -18,6 +18,10 @@ class StopOnDivergence(L.Callback):
 
     def __init__(self) -> None:
         self.epoch: int | None = None  # the epoch that diverged
+        self.first_epoch = 0  # the first this fit ran: a resumed one's is past 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.first_epoch = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loss = trainer.callback_metrics.get("train/loss_epoch")

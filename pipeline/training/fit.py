@@ -3,13 +3,12 @@
 `train` runs in every process of a training: the only one, or each DDP rank (see
 `pipeline.training.launch`). Only rank 0 talks to MLflow and evaluates. A training continues
 an interrupted one (its last checkpoint, its MLflow run) when asked to (`train.resume`) and
-when SLURM restarted its job (`continued_from`).
+when SLURM restarted its job, once `pipeline.training.resume` found it the same training.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -35,13 +34,18 @@ from pipeline.tracking.runs import (
     run_logger,
     run_name,
 )
-from pipeline.tracking.store import RUN_FILE, credentials_to_environment, read_run
+from pipeline.tracking.store import credentials_to_environment
 from pipeline.training.callbacks import ProgressBar, PruneOnReport, StopOnDivergence
+from pipeline.training.checkpoint_io import VerifiedCheckpointIO
 from pipeline.training.module import Classifier
+from pipeline.training.resume import (
+    Continuation,
+    RecordSettings,
+    continued_from,
+    resume_tags,
+)
 
 log = logging.getLogger(__name__)
-
-LAST_CHECKPOINT = Path("checkpoints", "last.ckpt")  # in the output directory: where to resume
 
 
 def train(
@@ -63,19 +67,21 @@ def train(
     torch.set_float32_matmul_precision("high")
     if cfg.trainer.threads is not None:
         torch.set_num_threads(cfg.trainer.threads)
+    # checked before anything is written or recorded: a refused resume leaves all as it was
+    continuation = continued_from(cfg, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     datamodule = open_data(cfg)
     module = Classifier.from_config(cfg, datamodule.meta)
     if cfg.trainer.compile:
         # in place (torch.nn.Module.compile): the checkpoint keeps the eager model's keys
         module.model.compile()
-    checkpoint, run_id = continued_from(cfg, output_dir)
     name = run_name(cfg.model.backbone, cfg.model.head, cfg.dataset.name)
+    run_id = continuation.run_id if continuation else None
     logger = run_logger(
         cfg.mlflow.experiment, name, cfg.mlflow.tracking_uri, run_id, run_tags or {}
     )
     best, divergence, callbacks = build_callbacks(
-        cfg, module, datamodule.meta, output_dir, resumed=run_id is not None
+        cfg, module, datamodule.meta, output_dir, continuation
     )
     pruning = PruneOnReport(trial) if trial else None
     trainer = L.Trainer(
@@ -83,11 +89,13 @@ def train(
         logger=logger,
         callbacks=[*callbacks, *([pruning] if pruning else []), *extra_callbacks],
         default_root_dir=output_dir,
+        plugins=[VerifiedCheckpointIO()],
     )
 
+    checkpoint = continuation.checkpoint if continuation else None
     trainer.fit(module, datamodule, ckpt_path=checkpoint)
     if divergence.epoch is not None:
-        return stop_diverged(cfg, trainer, logger, divergence.epoch, best)
+        return stop_diverged(cfg, trainer, logger, divergence, best, checkpoint)
     if pruning and pruning.epoch is not None:
         return stop_pruned(trainer, logger, pruning.epoch, best)
     trainer.test(module, datamodule, ckpt_path=best.best_model_path, verbose=trainer.is_global_zero)
@@ -108,7 +116,11 @@ def train(
 
 
 def build_callbacks(
-    cfg: TrainJob, module: Classifier, meta: dict, output_dir: Path, resumed: bool
+    cfg: TrainJob,
+    module: Classifier,
+    meta: dict,
+    output_dir: Path,
+    continuation: Continuation | None,
 ) -> tuple[ModelCheckpoint, StopOnDivergence, list[L.Callback]]:
     """(best checkpoint, divergence stop, every callback of the training)."""
     best = ModelCheckpoint(
@@ -130,9 +142,10 @@ def build_callbacks(
         },
         datasets=dataset_inputs(meta, cfg.paths.processed_dir(cfg.dataset.name)),
         output_dir=output_dir,
-        resumed=resumed,
+        resumed=None if continuation is None else resume_tags(continuation.changes),
     )
     callbacks = [best, last, divergence, recorder, SystemMetrics(cfg.mlflow.tracking_uri)]
+    callbacks.append(RecordSettings(cfg))
     callbacks.append(EpochHistory(output_dir / "history.csv"))
     callbacks += [LearningRateMonitor("epoch"), ProgressBar()]
     if patience := cfg.trainer.early_stopping_patience:
@@ -196,43 +209,27 @@ def check_data_matches(meta: dict, dataset: DatasetConfig) -> None:
         )
 
 
-def continued_from(cfg: TrainJob, output_dir: Path) -> tuple[Path | None, str | None]:
-    """(checkpoint, MLflow run id) that this training continues; (None, None) for a new one.
-
-    With `train.resume`: the interrupted training's in `output_dir`. In a SLURM job that SLURM
-    restarted (preempted, `scontrol requeue`, or requeued at its time limit), which reruns the
-    same command in the same directory: what the earlier start left there, its run and its
-    last checkpoint, if it got as far as saving one."""
-    if cfg.train.resume:
-        return resume_point(output_dir)
-    restarted = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
-    if not restarted or not (output_dir / RUN_FILE).is_file():
-        return None, None
-    checkpoint = output_dir / LAST_CHECKPOINT
-    log.info("SLURM restarted this job: continuing the training in %s", output_dir)
-    return (checkpoint if checkpoint.is_file() else None), read_run(output_dir)["run_id"]
-
-
-def resume_point(output_dir: Path) -> tuple[Path, str]:
-    """(last checkpoint, MLflow run id) of an interrupted training in `output_dir`."""
-    checkpoint = output_dir / LAST_CHECKPOINT
-    if not checkpoint.is_file() or not (output_dir / RUN_FILE).is_file():
-        raise PipelineError(
-            f"train.resume={output_dir}: no checkpoints/last.ckpt and {RUN_FILE} there; "
-            "pass the output directory of a training that ran at least one epoch"
-        )
-    return checkpoint, read_run(output_dir)["run_id"]
-
-
 def stop_diverged(
-    cfg: TrainJob, trainer: L.Trainer, logger: MLFlowLogger, epoch: int, best: ModelCheckpoint
+    cfg: TrainJob,
+    trainer: L.Trainer,
+    logger: MLFlowLogger,
+    divergence: StopOnDivergence,
+    best: ModelCheckpoint,
+    resumed_from: Path | None,
 ) -> dict[str, float]:
-    """Every rank stopped after `epoch`; rank 0 ends the run as FAILED and says what to change."""
+    """Every rank stopped after the epoch that diverged; rank 0 ends the run as FAILED and says
+    what to change (its checkpoints keep the last finite weights: VerifiedCheckpointIO)."""
     if not trainer.is_global_zero:
         return {"val/acc_best": float(best.best_model_score or 0.0)}
     logger.experiment.set_terminated(logger.run_id, "FAILED")
+    if resumed_from and divergence.epoch == divergence.first_epoch:
+        raise PipelineError(
+            f"training diverged in its first epoch after resuming from {resumed_from}: "
+            "train/loss is not finite, so that checkpoint is suspect (damaged, or written by "
+            "a training already diverging); resume from an earlier copy or start a new training"
+        )
     raise PipelineError(
-        f"training diverged: train/loss is not finite after epoch {epoch} "
+        f"training diverged: train/loss is not finite after epoch {divergence.epoch} "
         f"(optimizer.lr={cfg.optimizer.lr}, optimizer.weight_decay="
         f"{cfg.optimizer.weight_decay}); lower the learning rate or the weight decay"
     )

@@ -46,6 +46,7 @@ def run_training(
     """Train here, or as `trainer.devices` DDP ranks on this node; returns rank 0's metrics
     (on nodes other than node 0: their first rank's). A search's `trial` goes to every rank."""
     trainer = cfg.trainer
+    open_data(cfg)  # a missing or mismatched dataset fails here, before the store or any rank
     # before any rank: processes started together (DDP ranks, SLURM tasks, DVC stages beside a
     # sweep) take turns creating a new store, and its experiment exists before they log to it
     experiment_id(open_store(cfg.mlflow.tracking_uri), cfg.mlflow.experiment)
@@ -64,7 +65,6 @@ def run_training(
         logs_specs=DefaultLogsSpecs(log_dir=str(output_dir / "logs"), tee=Std.ALL),
         **rendezvous(trainer.num_nodes),
     )
-    open_data(cfg)  # a missing or mismatched dataset fails here, before any rank starts
     try:
         results = elastic_launch(launch, train_rank)(cfg, output_dir, dict(run_tags), trial)
     except ChildFailedError as err:
