@@ -66,16 +66,19 @@ class SearchSpace:
         """A trial's command line: the fixed overrides, then its sampled values."""
         return [*self.fixed, *(f"{key}={value}" for key, value in params.items())]
 
-    def first_overrides(self) -> list[str]:
-        """One value of each parameter (its lowest or first): to check the keys before any
-        trial starts."""
+    def alternatives(self) -> list[list[str]]:
+        """Each key's overrides to check before any trial starts: a fixed value, every choice,
+        a range's or an interval's two ends (the values a trial may be given, at their edges)."""
         from optuna.distributions import CategoricalDistribution
 
-        first = {
-            key: dist.choices[0] if isinstance(dist, CategoricalDistribution) else dist.low
-            for key, dist in self.distributions.items()
-        }
-        return self.overrides(first)
+        checked = [[override] for override in self.fixed]
+        for key, dist in self.distributions.items():
+            if isinstance(dist, CategoricalDistribution):
+                values = dist.choices
+            else:  # a range or an interval
+                values = (dist.low, dist.high)
+            checked.append([f"{key}={value}" for value in values])
+        return checked
 
 
 def distribution(override: Override) -> Any:

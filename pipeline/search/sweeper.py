@@ -24,7 +24,6 @@ from typing import Any
 
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
-from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
@@ -32,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import OptunaSweeperConfig
 from pipeline.errors import PipelineError, SearchError
 from pipeline.search.space import SearchSpace
+from pipeline.tracking.sweeps import validate_trials
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,8 @@ class StudySweeper(Sweeper):
                 "hydra/sweeper=optuna: nothing to search; give hydra.sweeper.params or sweeps "
                 "on the command line, e.g. 'optimizer.lr=tag(log, interval(0.001, 0.1))'"
             )
-        try:  # every key in the config's schema, before any trial starts
-            self.validate_batch_is_legal([space.first_overrides()])
-        except HydraException as err:
-            cause = f": {err.__cause__}" if err.__cause__ else ""
-            raise SearchError(f"search space: {err}{cause}") from err
+        # every choice and bound, before the study, its parent run or any trial
+        validate_trials(self.config, space.alternatives(), "search space")
         Search(self.config, self.options, space, self.launch).run()
 
     def launch(self, batch: Sequence[Sequence[str]], first_job: int) -> Sequence[JobReturn]:

@@ -10,6 +10,10 @@ its parent as FAILED. A trial whose ranks are SLURM tasks (`hydra/launcher=slurm
 whole Hydra job in each: only rank 0 records it. An Optuna search's parent run is its study's,
 kept across resumes: its sweeper opens and records it (pipeline/search/run.py).
 
+Before any of that, every trial's config is composed and validated (`validate_trials`): a typo
+in any value of a sweep list fails the whole sweep at once, in one line naming it, with no
+trial started, no sweep directory and no MLflow run.
+
 MLflow is imported by the methods that talk to it: Hydra instantiates this callback for every
 run, sweep or not, before the config is validated, and a typo should fail without waiting
 for it.
@@ -18,23 +22,32 @@ for it.
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import logging
+import math
 import os
+import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import hydra
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException, MissingConfigException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline.config import OPTUNA_SWEEPER
+from pipeline.config import OPTUNA_SWEEPER, TrainJob, validate
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.search.study import PRUNED_AT
+from pipeline.tracking.preflight import check_store
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +55,11 @@ SWEEP_FILE = "sweep_run.json"
 TRIALS_FILE = "trials.jsonl"  # one line per finished or failed trial
 PARENT_TAG = "mlflow.parentRunId"
 SCORE = "val/acc_best"  # what pipeline.train returns and the sweep maximises
+# Composing and validating one trial's config takes about 0.1 s. A sweep of up to this many
+# trials has every trial checked; a bigger one (a product of hundreds) has each value checked
+# once, in the first trial with only that value changed: a value bad on its own still stops
+# the sweep, a pair bad only together (model.output=rbf with model.head=gap) its own trial.
+FULL_CHECK_MAX_TRIALS = 32
 
 T = TypeVar("T")
 
@@ -113,6 +131,70 @@ def chosen_settings(trial: list[str], sweep: list[str]) -> dict[str, str]:
     }
 
 
+def trials_to_check(alternatives: Sequence[Sequence[str]]) -> Iterator[list[str]]:
+    """The trials (their overrides) whose configs to check, given each key's alternatives:
+    every trial of a small sweep; of a big one, the first trial and each other value once."""
+    if math.prod(map(len, alternatives)) <= FULL_CHECK_MAX_TRIALS:
+        yield from map(list, itertools.product(*alternatives))
+        return
+    first = [values[0] for values in alternatives]
+    yield first
+    for index, values in enumerate(alternatives):
+        for value in values[1:]:
+            yield [*first[:index], value, *first[index + 1 :]]
+
+
+def one_line(err: HydraException) -> str:
+    """A config that failed to compose or validate, as one line: the message up to its details,
+    the options Hydra offers, the cause's first line (which value failed to convert...)."""
+    lines = str(err).splitlines()
+    message = " ".join(itertools.takewhile(lambda line: line and not line[0].isspace(), lines))
+    if isinstance(err, MissingConfigException) and err.options:
+        message += f"; allowed: {', '.join(err.options)}"
+    cause = str(err.__cause__ or "").split("\n", 1)[0]
+    return f"{message} ({cause})" if cause and cause not in message else message
+
+
+def validate_trials(config: DictConfig, alternatives: Sequence[Sequence[str]], what: str) -> None:
+    """Compose and validate the configs of the trials of the sweep `config` (those that
+    `trials_to_check` picks) before any starts, as its launcher will compose them: with its
+    Hydra overrides (a search path) first. Raise a ConfigError, `what` first, naming the bad
+    value and the trial's swept settings."""
+    hydra_overrides = list(config.hydra.overrides.hydra)
+    swept = [len(values) > 1 for values in alternatives]
+    for overrides in trials_to_check(alternatives):
+        try:
+            composed = hydra.compose(config.hydra.job.config_name, hydra_overrides + overrides)
+            validate(composed, TrainJob)
+        except HydraException as err:  # composing (a missing option) or validating
+            settings = " ".join(itertools.compress(overrides, swept))
+            trial = f"the trial {settings}" if settings else "every trial"
+            raise ConfigError(
+                f"{what}: {one_line(err)}; in {trial}. No trial started: fix it and run again"
+            ) from err
+
+
+def sweep_alternatives(config: DictConfig) -> list[list[str]]:
+    """Each key's overrides, one per trial value, as Hydra's basic sweeper expands them:
+    hydra.sweeper.params, then the command line's (a key given in both: the command line's)."""
+    params = config.hydra.sweeper.get("params") or {}
+    texts = [*(f"{key}={value}" for key, value in params.items()), *config.hydra.overrides.task]
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    alternatives: dict[str, list[str]] = {}
+    for override in parser.parse_overrides(texts):
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            alternatives[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            alternatives[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            raise ConfigError(
+                f"sweep: {override.input_line} is not a list of values; allowed: a,b,c, "
+                "choice(...), range(...), or interval(...) under hydra/sweeper=optuna"
+            )
+    return list(alternatives.values())
+
+
 def open_sweep_run(
     config: DictConfig, tags: dict[str, str] | None = None, run_id: str | None = None
 ) -> str:
@@ -167,8 +249,17 @@ class SweepTracking(Callback):
         self.closed = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.hydra.sweeper._target_ == OPTUNA_SWEEPER:
-            return  # its parent run is its study's, opened (or reopened) by the sweeper
+        # before the parent run and the sweep directory: a refused sweep leaves no trace
+        try:
+            check_store(config.mlflow.tracking_uri, config.mlflow.timeout_s)
+            if config.hydra.sweeper._target_ == OPTUNA_SWEEPER:
+                return  # it checks its search space and opens (or reopens) its parent run
+            validate_trials(config, sweep_alternatives(config), "sweep")
+        except PipelineError as err:
+            # Hydra turns a callback's exception into a warning and sweeps on: end here, as
+            # the entry points end on a bad config (pipeline/cli.py)
+            log.error("%s", err)
+            sys.exit(1)
         parent = open_sweep_run(config)
         self.sweep_file = Path(config.hydra.sweep.dir) / SWEEP_FILE
         log.info("sweep %s: MLflow parent run %s", config.hydra.sweep.dir, parent)
