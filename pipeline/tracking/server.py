@@ -11,11 +11,13 @@ Database passwords travel in a libpq password file (PGPASSFILE), never on a comm
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +32,13 @@ from pipeline.errors import PipelineError
 
 DATABASE = "mlflow"  # role and database of the project-run cluster
 STUDIES = "optuna"  # its database for Optuna studies (pipeline/search/): tables of their own
+# seconds a team's database may take to accept a connection before the server gives up on it
+CONNECT_TIMEOUT_S = 10
+# what to do when the server cannot listen where it is told to
+LISTEN_ADVICE = {
+    errno.EADDRINUSE: "stop what listens there, or pass {key}=A_FREE_PORT",
+    errno.EACCES: "ports below 1024 need root: pass {key}=1024 or above",
+}
 
 
 def postgres_bin() -> Path:
@@ -166,8 +175,61 @@ def wait_healthy(
     raise PipelineError(f"mlflow server did not answer {url}{path} within {timeout:.0f} s")
 
 
+def check_listenable(host: str, port: int, key: str) -> None:
+    """Fail at once if nothing can listen on `host`:`port` (taken, or not this machine's): the
+    server would only fail after starting its database, in a traceback of its own."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as err:
+        advice = LISTEN_ADVICE.get(
+            err.errno or 0, "pass host=an address of this machine (0.0.0.0: all)"
+        )
+        raise PipelineError(
+            f"cannot listen on {host}:{port} ({err.strerror}): {advice.format(key=key)}"
+        ) from err
+
+
+def check_reachable(uri: str) -> None:
+    """Fail within CONNECT_TIMEOUT_S if the team's database at `uri` refuses a connection:
+    `mlflow server` would retry for minutes, then fail in a traceback."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    try:
+        connect_args = {"connect_timeout": CONNECT_TIMEOUT_S}
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args=connect_args)
+        with engine.connect():
+            pass
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as err:
+        reason = str(getattr(err, "orig", None) or err).splitlines()[0]
+        raise PipelineError(
+            f"backend_store_uri={mask_password(uri)} cannot be reached ({reason}): start that "
+            "database, or correct the host, port, user or password in backend_store_uri"
+        ) from err
+
+
+def check_can_serve(cfg: ServerJob) -> None:
+    """Refuse, in one line and before anything is written, what the server cannot run on."""
+    data_dir = Path(cfg.data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise PipelineError(
+            f"data_dir={cfg.data_dir} is a file, not a folder: pass data_dir=A_FOLDER (created "
+            "if missing) for the database, artifacts and password files, or move that file"
+        )
+    if cfg.backend_store_uri is not None:  # the team's database, whatever the port
+        check_reachable(cfg.backend_store_uri)
+    check_listenable(cfg.host, cfg.port, "port")
+    if cfg.backend_store_uri is None:  # the project's own: installed, its port free
+        postgres_bin()
+        check_listenable("127.0.0.1", cfg.database_port, "database_port")
+
+
 def serve(cfg: ServerJob) -> None:
     """Run the server until interrupted (Ctrl-C or SIGTERM), then stop what it started."""
+    check_can_serve(cfg)
     artifacts = Path(cfg.data_dir).resolve() / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
