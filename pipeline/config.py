@@ -499,8 +499,11 @@ class EvaluateJob:
     register: str | None = None
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    # seconds the training's tracking server may take to answer (as mlflow.timeout_s)
+    timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
+        require(0 < self.timeout_s <= 600, "timeout_s", self.timeout_s, "0 < seconds <= 600")
         if self.register is not None:
             ok = re.fullmatch(r"[\w.-]+", self.register) is not None
             require(ok, "register", self.register, "null or a name of letters, digits, _ . -")

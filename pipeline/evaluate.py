@@ -26,7 +26,8 @@ from pipeline.evaluation.evaluate import (
     load_checkpoint,
 )
 from pipeline.evaluation.logged_model import register
-from pipeline.tracking.store import read_run, tracking_client
+from pipeline.tracking.preflight import check_store
+from pipeline.tracking.store import RUN_FILE, read_run, tracking_client
 
 
 @hydra_entry("evaluate")
@@ -36,6 +37,8 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(config.out_dir) if config.out_dir else run_dir / "eval"
     check_run_dir(run_dir, config.checkpoint)
     check_out_dir(out_dir)
+    if (run_dir / RUN_FILE).is_file():
+        check_store(read_run(run_dir)["tracking_uri"], config.timeout_s)
     module = load_checkpoint(run_dir / config.checkpoint)
     test = load_split(config.paths.processed_dir(module.dataset_cfg.name), "test")
     evaluate_run(module, test, config.evaluation, out_dir, run_dir)
