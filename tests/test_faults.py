@@ -586,6 +586,9 @@ def test_ctrl_c_ends_the_run_as_killed(tmp_path: Path, data_dir: Path):
         cli(tmp_path, data_dir, "trainer.max_epochs=100", f"hydra.run.dir={run_dir}"),
         cwd=tmp_path,
         env=env(),
+        # as in a terminal: Python turns SIGINT into KeyboardInterrupt unless it starts ignoring
+        # it, as the children of pytest's workers would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -34,6 +34,7 @@ from pipeline.search.study import (
     trial_id,
 )
 from pipeline.search.sweeper import launcher_parallelism, placement, study_name
+from pipeline.tracking.preflight import check_store
 from pipeline.tracking.store import tracking_client
 from pipeline.tracking.sweeps import TRIALS_FILE, open_sweep_run
 
@@ -54,6 +55,7 @@ class Search:
         # jobs in processes of this machine: trials are launched from threads, a slot each
         self.concurrent = (launcher_parallelism(config.hydra.launcher) or 1) > 1
         self.url = default_storage(options.storage, config.mlflow.tracking_uri)
+        check_store(config.mlflow.tracking_uri, config.mlflow.timeout_s)  # before any record
         self.name = study_name(
             options.study_name, config.mlflow.experiment, config.hydra.runtime.choices
         )

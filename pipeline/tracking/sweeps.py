@@ -250,11 +250,11 @@ class SweepTracking(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # before the parent run and the sweep directory: a refused sweep leaves no trace
+        if config.hydra.sweeper._target_ == OPTUNA_SWEEPER:
+            return  # it checks its search space and store, and opens (or reopens) its parent run
         try:
-            check_store(config.mlflow.tracking_uri, config.mlflow.timeout_s)
-            if config.hydra.sweeper._target_ == OPTUNA_SWEEPER:
-                return  # it checks its search space and opens (or reopens) its parent run
             validate_trials(config, sweep_alternatives(config), "sweep")
+            check_store(config.mlflow.tracking_uri, config.mlflow.timeout_s)
         except PipelineError as err:
             # Hydra turns a callback's exception into a warning and sweeps on: end here, as
             # the entry points end on a bad config (pipeline/cli.py)

@@ -66,8 +66,9 @@ class Continuation:
 
 
 def training_settings(cfg: TrainJob) -> dict[str, str]:
-    """The config as a checkpoint records it: flat strings."""
-    return dict(flatten(asdict(cfg)))
+    """What defines the training (no RUNTIME setting: no store URI, so no password), as flat
+    strings: what a checkpoint records."""
+    return {k: v for k, v in flatten(asdict(cfg)) if not k.startswith(RUNTIME)}
 
 
 class RecordSettings(L.Callback):
@@ -147,7 +148,7 @@ def check_same_training(cfg: TrainJob, checkpoint: Path) -> dict[str, str]:
     differing = {
         key: f"{recorded.get(key)} -> {value}"
         for key, value in now.items()
-        if recorded.get(key) != value and not key.startswith(RUNTIME)
+        if recorded.get(key) != value
     }
     refused = {
         key: change for key, change in differing.items() if key not in cfg.train.resume_changes
