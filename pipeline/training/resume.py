@@ -19,7 +19,7 @@ import lightning as L
 from mlflow.exceptions import MlflowException
 
 from pipeline.checkpoints import read_checkpoint, weights_finite
-from pipeline.config import CHANGEABLE_ON_RESUME, TrainJob
+from pipeline.config import CHANGEABLE_ON_RESUME, TrainJob, mask_password
 from pipeline.errors import PipelineError
 from pipeline.tracking.runs import flatten
 from pipeline.tracking.store import RUN_FILE, read_run, tracking_client
@@ -122,7 +122,8 @@ def check_run_open(tracking_uri: str, run_id: str, output_dir: Path) -> None:
     except MlflowException as err:
         raise PipelineError(
             f"train.resume={output_dir}: its MLflow run {run_id} is not in "
-            f"mlflow.tracking_uri={tracking_uri}; resume with the store it was recorded in"
+            f"mlflow.tracking_uri={mask_password(tracking_uri)}; resume with the store it was "
+            "recorded in"
         ) from err
     if status == "FINISHED":
         raise PipelineError(
