@@ -44,7 +44,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline.config import OPTUNA_SWEEPER, TrainJob, validate
+from pipeline.config import OPTUNA_SWEEPER, TrainJob, mask_password, validate
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.search.study import PRUNED_AT
 from pipeline.tracking.preflight import check_store
@@ -235,9 +235,10 @@ def open_sweep_run(
         )
         return {"run_id": run.info.run_id, "experiment_id": experiment}
 
-    parent = retry(open_parent, f"opening the sweep's MLflow run in {uri}")
+    parent = retry(open_parent, f"opening the sweep's MLflow run in {mask_password(uri)}")
     sweep_file = sweep_dir / SWEEP_FILE
-    sweep_file.write_text(json.dumps({**parent, "tracking_uri": uri}, indent=2) + "\n")
+    record = {**parent, "tracking_uri": mask_password(uri)}  # a file: never a password
+    sweep_file.write_text(json.dumps(record, indent=2) + "\n")
     return parent["run_id"]
 
 
@@ -246,6 +247,7 @@ class SweepTracking(Callback):
 
     def __init__(self) -> None:
         self.sweep_file: Path | None = None
+        self.tracking_uri = ""  # the sweep's store, password included (never in a file)
         self.closed = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -262,6 +264,7 @@ class SweepTracking(Callback):
             sys.exit(1)
         parent = open_sweep_run(config)
         self.sweep_file = Path(config.hydra.sweep.dir) / SWEEP_FILE
+        self.tracking_uri = config.mlflow.tracking_uri
         log.info("sweep %s: MLflow parent run %s", config.hydra.sweep.dir, parent)
         # a sweeper that raises (a failed trial under the basic sweeper) skips
         # on_multirun_end: close the parent as FAILED when the process ends
@@ -312,7 +315,7 @@ class SweepTracking(Callback):
         from pipeline.tracking.store import tracking_client
 
         parent = json.loads(self.sweep_file.read_text())
-        client = tracking_client(parent["tracking_uri"])
+        client = tracking_client(self.tracking_uri)
         parent_id = parent["run_id"]
         # trials that sweep mlflow.experiment (or the dataset) log to other experiments
         experiments = [e.experiment_id for e in client.search_experiments()]
