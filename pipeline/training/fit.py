@@ -54,6 +54,7 @@ def train(
     run_tags: Mapping[str, str] | None = None,
     extra_callbacks: Sequence[L.Callback] = (),
     trial: StudyTrial | None = None,
+    datamodule: TensorDataModule | None = None,
 ) -> dict[str, float]:
     """Fit, test and record one model; returns its final metrics (on rank 0: all of them).
 
@@ -61,7 +62,8 @@ def train(
     join the training's own (`make bench` times the steps with one). A training whose loss stops
     being finite ends its run as FAILED and raises a PipelineError (on rank 0). A search's
     `trial` reports every epoch to its study; pruned, it ends its run as KILLED, untested, and
-    returns the epoch it stopped after (`PRUNED_AT`).
+    returns the epoch it stopped after (`PRUNED_AT`). `datamodule`: the data as its caller
+    already opened (and verified) it; None: opened here.
     """
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
@@ -70,7 +72,8 @@ def train(
     # checked before anything is written or recorded: a refused resume leaves all as it was
     continuation = continued_from(cfg, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    datamodule = open_data(cfg)
+    if datamodule is None:
+        datamodule = open_data(cfg)
     module = Classifier.from_config(cfg, datamodule.meta)
     if cfg.trainer.compile:
         # in place (torch.nn.Module.compile): the checkpoint keeps the eager model's keys

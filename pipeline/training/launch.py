@@ -46,14 +46,15 @@ def run_training(
     """Train here, or as `trainer.devices` DDP ranks on this node; returns rank 0's metrics
     (on nodes other than node 0: their first rank's). A search's `trial` goes to every rank."""
     trainer = cfg.trainer
-    open_data(cfg)  # a missing or mismatched dataset fails here, before the store or any rank
+    # missing, mismatched or damaged data fails here, before the store or any rank
+    data = open_data(cfg)
     # before any rank: processes started together (DDP ranks, SLURM tasks, DVC stages beside a
     # sweep) take turns creating a new store, and its experiment exists before they log to it
     experiment_id(open_store(cfg.mlflow.tracking_uri), cfg.mlflow.experiment)
     if SLURMEnvironment.detect():
         return train_as_slurm_task(cfg, output_dir, run_tags, trial)
     if trainer.strategy != "ddp" or trainer.world_size == 1 or TorchElasticEnvironment.detect():
-        return train(cfg, output_dir, run_tags, trial=trial)
+        return train(cfg, output_dir, run_tags, trial=trial, datamodule=data)
     launch = LaunchConfig(
         min_nodes=trainer.num_nodes,
         max_nodes=trainer.num_nodes,
