@@ -293,6 +293,9 @@ class TrainerConfig:
     # the one GPU (its index) this training uses; null: Lightning's choice. A search packing
     # trials onto this machine's GPUs sets each one's (hydra.sweeper.trials_per_device)
     device: int | None = None
+    # seconds DDP ranks wait for each other: to meet when the training starts (an address that
+    # does not resolve or answer, a rank that never started) and at every synchronization after
+    ddp_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         one_of(self.profiler, "trainer.profiler", ("simple", "advanced", "pytorch"), True)
@@ -304,6 +307,7 @@ class TrainerConfig:
         require(self.devices >= 1, "trainer.devices", self.devices, "an integer >= 1")
         require(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "an integer >= 1")
         require(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs, "an integer >= 1")
+        require(self.ddp_timeout_s > 0, "trainer.ddp_timeout_s", self.ddp_timeout_s, "seconds > 0")
         if self.threads is not None:
             require(self.threads >= 1, "trainer.threads", self.threads, "null or an integer >= 1")
         if self.device is not None:
@@ -331,6 +335,7 @@ class TrainerConfig:
         del args["early_stopping_patience"]  # a callback's setting
         del args["compile"]  # applied to the network (pipeline.training.fit)
         del args["threads"]  # torch's setting (pipeline.training.fit)
+        del args["ddp_timeout_s"]  # the DDP strategy's (pipeline.training.fit)
         if args.pop("device") is not None:
             args["devices"] = [self.device]
         return args

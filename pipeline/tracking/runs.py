@@ -123,8 +123,9 @@ def run_logger(
     )
 
 
-class RunRecorder(L.Callback):
-    """Logs params, tags and config/summary artifacts once, when fitting starts on rank 0."""
+class RunRecorder:
+    """Logs params, tags and config/summary artifacts once, on rank 0 before fitting: before
+    DDP's ranks meet, so that a training whose ranks never meet still has its run, FAILED."""
 
     def __init__(
         self,
@@ -143,11 +144,8 @@ class RunRecorder(L.Callback):
         self.tags, self.datasets = tags, datasets
         self.output_dir, self.resumed = output_dir, resumed
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        logger = trainer.logger
-        assert isinstance(logger, MLFlowLogger)
+    def start(self, logger: MLFlowLogger) -> None:
+        """Create (or reopen) the run and record the training in it."""
         client, run_id = logger.experiment, logger.run_id
         run = {"run_id": run_id, "tracking_uri": self.config["mlflow"]["tracking_uri"]}
         (self.output_dir / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")

@@ -11,14 +11,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.strategies import DDPStrategy
 
-from pipeline.config import DatasetConfig, TrainJob
+from pipeline.config import DatasetConfig, TrainerConfig, TrainJob
 from pipeline.data.datamodule import TensorDataModule
 from pipeline.errors import PipelineError
 from pipeline.evaluation.evaluate import evaluate_run
@@ -83,17 +85,17 @@ def train(
     logger = run_logger(
         cfg.mlflow.experiment, name, cfg.mlflow.tracking_uri, run_id, run_tags or {}
     )
-    best, divergence, callbacks = build_callbacks(
-        cfg, module, datamodule.meta, output_dir, continuation
-    )
+    best, divergence, callbacks = build_callbacks(cfg, output_dir)
     pruning = PruneOnReport(trial) if trial else None
     trainer = L.Trainer(
-        **cfg.trainer.lightning_args(),
+        **cfg.trainer.lightning_args() | {"strategy": strategy(cfg.trainer)},
         logger=logger,
         callbacks=[*callbacks, *([pruning] if pruning else []), *extra_callbacks],
         default_root_dir=output_dir,
         plugins=[VerifiedCheckpointIO()],
     )
+    if trainer.is_global_zero:
+        run_recorder(cfg, module, datamodule.meta, output_dir, continuation).start(logger)
 
     checkpoint = continuation.checkpoint if continuation else None
     trainer.fit(module, datamodule, ckpt_path=checkpoint)
@@ -118,21 +120,24 @@ def train(
     return metrics
 
 
-def build_callbacks(
+def strategy(trainer: TrainerConfig) -> str | DDPStrategy:
+    """Lightning's strategy by its name; DDP's ranks wait for each other at most
+    `trainer.ddp_timeout_s` (torch's default: 30 minutes, and for ever at an address that does
+    not resolve, as its store retries its connection)."""
+    if trainer.strategy != "ddp":
+        return trainer.strategy
+    return DDPStrategy(timeout=timedelta(seconds=trainer.ddp_timeout_s))
+
+
+def run_recorder(
     cfg: TrainJob,
     module: Classifier,
     meta: dict,
     output_dir: Path,
     continuation: Continuation | None,
-) -> tuple[ModelCheckpoint, StopOnDivergence, list[L.Callback]]:
-    """(best checkpoint, divergence stop, every callback of the training)."""
-    best = ModelCheckpoint(
-        output_dir / "checkpoints", "best", "val/acc", mode="max", enable_version_counter=False
-    )
-    # Lightning's save_last only writes when `best` does; resuming needs every epoch's state.
-    last = ModelCheckpoint(output_dir / "checkpoints", "last", enable_version_counter=False)
-    divergence = StopOnDivergence()
-    recorder = RunRecorder(
+) -> RunRecorder:
+    """What rank 0 records in the training's run before fitting."""
+    return RunRecorder(
         asdict(cfg),
         describe(module.model.network),
         tags={
@@ -147,7 +152,19 @@ def build_callbacks(
         output_dir=output_dir,
         resumed=None if continuation is None else resume_tags(continuation.changes),
     )
-    callbacks = [best, last, divergence, recorder, SystemMetrics(cfg.mlflow.tracking_uri)]
+
+
+def build_callbacks(
+    cfg: TrainJob, output_dir: Path
+) -> tuple[ModelCheckpoint, StopOnDivergence, list[L.Callback]]:
+    """(best checkpoint, divergence stop, every callback of the training)."""
+    best = ModelCheckpoint(
+        output_dir / "checkpoints", "best", "val/acc", mode="max", enable_version_counter=False
+    )
+    # Lightning's save_last only writes when `best` does; resuming needs every epoch's state.
+    last = ModelCheckpoint(output_dir / "checkpoints", "last", enable_version_counter=False)
+    divergence = StopOnDivergence()
+    callbacks = [best, last, divergence, SystemMetrics(cfg.mlflow.tracking_uri)]
     callbacks.append(RecordSettings(cfg))
     callbacks.append(EpochHistory(output_dir / "history.csv"))
     callbacks += [LearningRateMonitor("epoch"), ProgressBar()]

@@ -40,6 +40,7 @@ RUNTIME = (
     "trainer.strategy",
     "trainer.threads",
     "trainer.device",
+    "trainer.ddp_timeout_s",
     "trainer.profiler",
     "trainer.log_every_n_steps",
     "trainer.compile",
