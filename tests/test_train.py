@@ -297,3 +297,24 @@ def test_two_nodes_started_by_hand_train_one_model_as_one_run(tmp_path, data_dir
     # one process group over both nodes: 1,137 images, shards of 569, 9 batches of 64 an epoch
     last = torch.load(tmp_path / "node0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 18
+
+
+def test_a_node_whose_node_0_never_answers_fails_in_bounded_time_saying_where(tmp_path, data_dir):
+    command = cli(
+        tmp_path,
+        data_dir,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.num_nodes=2",
+        "trainer.ddp_timeout_s=10",
+        f"hydra.run.dir={tmp_path / 'node1'}",
+    )
+    where = {"MASTER_ADDR": "node0.invalid", "MASTER_PORT": "29511", "NODE_RANK": "1"}
+    result = subprocess.run(
+        command, cwd=tmp_path, env={**env(), **where}, capture_output=True, text=True, timeout=300
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output
+    (said,) = [line for line in output.splitlines() if "could not reach each other" in line]
+    assert "at node0.invalid:29511" in said and "trainer.ddp_timeout_s=10 s" in said

@@ -10,18 +10,23 @@ place; Lightning takes its rank from that launcher.
 
 Several machines: the same command on each, with MASTER_ADDR and MASTER_PORT (node 0's
 address and a free port there) and NODE_RANK set, as torchrun's static rendezvous takes them;
-or a SLURM job of trainer.num_nodes nodes with trainer.devices tasks on each.
+or a SLURM job of trainer.num_nodes nodes with trainer.devices tasks on each, whose rank 0 is
+at the address SLURM has for the job's first node (its NodeAddr; a MASTER_ADDR in the job's
+environment wins). Ranks that cannot meet there, or lose each other later, fail after
+trainer.ddp_timeout_s, saying where they tried to meet.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from torch.distributed import DistError
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -29,6 +34,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from pipeline.config import TrainJob
 from pipeline.errors import PipelineError
 from pipeline.search.study import StudyTrial
+from pipeline.slurm import first_node_address
 from pipeline.tracking.store import experiment_id, open_store
 from pipeline.training.fit import open_data, train
 
@@ -64,10 +70,12 @@ def run_training(
         # torch (no CUDA context, no thread pool) for them to inherit
         start_method="fork",
         logs_specs=DefaultLogsSpecs(log_dir=str(output_dir / "logs"), tee=Std.ALL),
-        **rendezvous(trainer.num_nodes),
+        **rendezvous(trainer.num_nodes, trainer.ddp_timeout_s),
     )
     try:
         results = elastic_launch(launch, train_rank)(cfg, output_dir, dict(run_tags), trial)
+    except DistError as err:  # this node's launcher never met node 0's
+        raise ranks_apart(cfg, err) from err
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         message = failure.message  # the rank's exception, as @record wrote it
@@ -87,11 +95,31 @@ def train_as_slurm_task(
     job = slurm_job_id()
     nodes = os.environ["SLURM_JOB_NODELIST"]
     rank, tasks = os.environ.get("SLURM_PROCID", "0"), os.environ["SLURM_NTASKS"]
-    log.info(
-        "SLURM job %s: rank %s of %s on node %s", job, rank, tasks, os.environ["SLURMD_NODENAME"]
-    )
+    where = f"rank {rank} of {tasks} on node {os.environ['SLURMD_NODENAME']}"
+    if cfg.trainer.world_size > 1:
+        # else Lightning takes the first node's name, which need not resolve as a host name
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = first_node_address(nodes)
+        where += f", rank 0 at {os.environ['MASTER_ADDR']}"
+    log.info("SLURM job %s: %s", job, where)
     tags = {**run_tags, "slurm.job_id": job, "slurm.nodes": nodes}
-    return train(cfg, output_dir, tags, trial=trial)
+    try:
+        return train(cfg, output_dir, tags, trial=trial)
+    except DistError as err:
+        raise ranks_apart(cfg, err) from err
+
+
+def ranks_apart(cfg: TrainJob, err: DistError) -> PipelineError:
+    """The training's ranks could not meet, or lost each other, at rank 0's address: one line
+    saying where and what to check."""
+    address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return PipelineError(
+        f"DDP ranks could not reach each other at {address} within trainer.ddp_timeout_s="
+        f"{cfg.trainer.ddp_timeout_s:g} s ({said}): check that every node resolves and reaches "
+        f"that address on that port (MASTER_ADDR, MASTER_PORT), and that all "
+        f"{cfg.trainer.world_size} ranks started"
+    )
 
 
 def slurm_job_id() -> str:
@@ -102,9 +130,10 @@ def slurm_job_id() -> str:
     return os.environ["SLURM_JOB_ID"]
 
 
-def rendezvous(num_nodes: int) -> dict[str, object]:
-    """Where the nodes' launchers meet: on this machine alone, or at node 0 (torchrun's
-    --standalone, or its --master-addr/--master-port/--node-rank)."""
+def rendezvous(num_nodes: int, timeout_s: float) -> dict[str, object]:
+    """Where the nodes' launchers meet, waiting at most `timeout_s` for each other: on this
+    machine alone, or at node 0 (torchrun's --standalone, or its
+    --master-addr/--master-port/--node-rank)."""
     if num_nodes == 1:
         return {"rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0", "run_id": str(uuid.uuid4())}
     missing = [name for name in NODE_VARIABLES if name not in os.environ]
@@ -116,7 +145,7 @@ def rendezvous(num_nodes: int) -> dict[str, object]:
     return {
         "rdzv_backend": "static",
         "rdzv_endpoint": f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-        "rdzv_configs": {"rank": int(os.environ["NODE_RANK"])},
+        "rdzv_configs": {"rank": int(os.environ["NODE_RANK"]), "timeout": math.ceil(timeout_s)},
         "run_id": "none",
     }
 

@@ -1,0 +1,172 @@
+"""What the pipeline asks SLURM itself, through its client commands (`scontrol`, `sacct`).
+
+Node names are SLURM's, not host names: many sites name nodes by aliases (`NodeName=n1
+NodeAddr=10.0.0.7`), so the address a process connects to is the node's `NodeAddr`, which
+SLURM sets to the name when the config gives none. Accounting (slurmdbd, behind `sacct`) is
+optional; a small lab's cluster often has none.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+SCONTROL_TIMEOUT_S = 30
+LOST_JOB_PERIOD_S = 10.0
+# job states from which a job may still write its result (scontrol's names)
+STILL_GOING = frozenset(
+    {
+        "PENDING",
+        "CONFIGURING",
+        "RUNNING",
+        "COMPLETING",
+        "SUSPENDED",
+        "STOPPED",
+        "PREEMPTED",
+        "REQUEUED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "RESIZING",
+        "SIGNALING",
+        "STAGE_OUT",
+        "SPECIAL_EXIT",
+    }
+)
+JOB_FOLDER = re.compile(r"\d+(_\d+)?")  # submitit's folder of a job, or of an array's task
+# what submitit logs on each poll of a cluster whose `sacct` fails
+SACCT_WARNING = "Bypassing sacct error"
+
+
+def scontrol(*args: str) -> str:
+    """`scontrol ARGS`' output; a SlurmError saying what failed."""
+    try:
+        result = subprocess.run(
+            ["scontrol", *args], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise SlurmError(f"scontrol {' '.join(args)}: {err}") from err
+    if result.returncode != 0:
+        raise SlurmError(f"scontrol {' '.join(args)}: {result.stderr.strip() or result.stdout}")
+    return result.stdout
+
+
+class SlurmError(PipelineError):
+    pass
+
+
+def first_node_address(nodelist: str) -> str:
+    """The address SLURM reaches the first node of `nodelist` (a job's SLURM_JOB_NODELIST,
+    such as n[1-2]) at: its NodeAddr."""
+    first = scontrol("show", "hostnames", nodelist).split()[0]
+    fields = dict(
+        item.split("=", 1) for item in scontrol("show", "node", "-o", first).split() if "=" in item
+    )
+    return fields.get("NodeAddr") or first
+
+
+def accounting_error() -> str | None:
+    """Why `sacct` cannot tell job states here (its own words), or None when it can."""
+    try:
+        result = subprocess.run(
+            ["sacct", "-n", "-X", "-j", "1"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return str(err)
+    if result.returncode == 0:
+        return None
+    said = (result.stderr.strip() or result.stdout.strip()).splitlines()
+    return said[0] if said else f"exit status {result.returncode}"
+
+
+class WithoutAccounting(logging.Filter):
+    """Drops submitit's warning on each poll of a cluster without accounting: the sweep says
+    once what it means (`note_accounting`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return SACCT_WARNING not in record.getMessage()
+
+
+def without_accounting() -> bool:
+    """Whether this cluster's `sacct` fails; if so, say once what that means for a sweep, and
+    leave out submitit's repeated warning about it."""
+    error = accounting_error()
+    if error is None:
+        return False
+    log.info(
+        "SLURM accounting is unavailable here (sacct: %s): each trial's state comes from the "
+        "result its job writes, or from scontrol for a job that ended without one",
+        error,
+    )
+    logging.getLogger("submitit").addFilter(WithoutAccounting())
+    return True
+
+
+def job_state(job: str) -> str | None:
+    """SLURM's state of `job` (ID or ARRAYID_TASK); None once slurmctld has forgotten it
+    (MinJobAge after it ended)."""
+    try:
+        return scontrol("show", "job", "-o", job).split("JobState=", 1)[1].split()[0]
+    except SlurmError as err:
+        if "Invalid job id" in str(err):
+            return None
+        raise
+
+
+class LostJobWatch(threading.Thread):
+    """Without accounting, submitit learns that a job ended only from the result the job writes,
+    and waits for ever on one killed before it could (scancel, out of memory, a failed node).
+    This thread asks SLURM every `period_s` about the sweep's jobs (the folders submitit makes
+    in `submitit_dir`) that have no result. Once none is still going and some ended without a
+    result, it calls `on_lost` with {job: state} of those."""
+
+    def __init__(
+        self,
+        submitit_dir: Path,
+        on_lost: Callable[[dict[str, str]], None],
+        period_s: float = LOST_JOB_PERIOD_S,
+    ) -> None:
+        super().__init__(name="lost-slurm-jobs", daemon=True)
+        self.submitit_dir, self.on_lost, self.period_s = submitit_dir, on_lost, period_s
+
+    def run(self) -> None:
+        ended: set[str] = set()
+        while True:
+            time.sleep(self.period_s)
+            try:
+                lost = self.lost_jobs(ended)
+            except SlurmError as err:  # a busy or restarting controller: the next look
+                log.warning("%s", err)
+                continue
+            if lost:
+                self.on_lost(lost)
+                return
+
+    def lost_jobs(self, ended: set[str]) -> dict[str, str]:
+        """{job: state} of the jobs lost for good, once no other job is still going. A job
+        writes its result before it ends: one that ended without a result at two looks in a
+        row (`ended` keeps the first) never gets one."""
+        going, lost = False, {}
+        folders = list(self.submitit_dir.iterdir()) if self.submitit_dir.is_dir() else []
+        arrays = {folder.name.split("_")[0] for folder in folders if "_" in folder.name}
+        for folder in folders:
+            job = folder.name
+            if not JOB_FOLDER.fullmatch(job) or job in arrays or any(folder.glob("*_result.pkl")):
+                continue  # not a job, a job array's own folder (its tasks have theirs), or done
+            state = job_state(job)
+            if state in STILL_GOING:
+                going = True
+            elif job in ended:
+                lost[job] = state or "ENDED"
+            else:
+                ended.add(job)
+                going = True
+        return {} if going else lost
