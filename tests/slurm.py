@@ -1,6 +1,8 @@
 """A real two-node SLURM cluster on 127.0.0.1 for the tests: Debian's slurm-wlm daemons, one
-slurmctld and a slurmd for each of the nodes node1 and node2, both on this machine. No munge
-(auth/none), no accounting database.
+slurmctld and a slurmd for each of the nodes n1 and n2, both on this machine. Configured as a
+small lab's cluster often is: nodes named by aliases that are no host names (NodeName=n1
+NodeHostname=this machine NodeAddr=127.0.0.1), no munge (auth/none), and no accounting
+database, so that `sacct` fails.
 
     with SlurmCluster(directory) as cluster:
         subprocess.run(["srun", "-N2", "hostname"], env=cluster.environment(os.environ))
@@ -19,54 +21,18 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-NODES = ("node1", "node2")
+NODES = ("n1", "n2")
 # enough for two 2-node jobs of one CPU per task at once, whatever this machine has
 CPUS_PER_NODE = 4
 DAEMONS = ("slurmctld", "slurmd")
-# variables of a surrounding SLURM job, and sbatch/srun's input variables: none may leak in
-FOREIGN = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")
-
-# Without a database the real sacct only says "Slurm accounting storage is disabled", and
-# submitit, which polls `sacct -o JobID,State,... --parsable2 -j ID` for its jobs' states,
-# would never see a job that ended without a result (cancelled, killed) as done. This stand-in
-# answers from `scontrol show job`, which keeps ended jobs for MinJobAge seconds.
-SACCT = r"""
-import subprocess
-import sys
-
-FIELDS = {"JobID": "JobId", "State": "JobState", "NodeList": "NodeList", "JobName": "JobName",
-          "ExitCode": "ExitCode", "Start": "StartTime", "End": "EndTime", "Elapsed": "RunTime",
-          "Partition": "Partition"}
-fields, jobs, header, args = ["JobID", "State"], [], True, sys.argv[1:]
-while args:
-    option = args.pop(0)
-    if "=" in option:
-        option, value = option.split("=", 1)
-    elif option in ("-o", "--format", "-j", "--jobs") and args:
-        value = args.pop(0)
-    if option in ("-o", "--format"):
-        fields = [name.split("%")[0] for name in value.split(",")]
-    elif option in ("-j", "--jobs"):
-        jobs += [job for job in value.split(",") if job]
-    elif option in ("-n", "--noheader"):
-        header = False
-lines = ["|".join(fields)] if header else []
-for job in jobs:
-    shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
-    for line in shown.stdout.splitlines() if shown.returncode == 0 else []:
-        info = dict(item.split("=", 1) for item in line.split() if "=" in item)
-        task = info.get("ArrayTaskId", "N/A")  # an array's task, or its pending ones: 0-3%4
-        if task != "N/A":
-            info["JobId"] = info["ArrayJobId"] + (f"_{task}" if task.isdigit() else f"_[{task}]")
-        lines.append("|".join(info.get(FIELDS.get(name, name), "") for name in fields))
-print("\n".join(lines))
-"""
+# variables of a surrounding SLURM job or DDP training, and sbatch/srun's input variables: none
+# may leak in, as none are in a user's fresh shell
+FOREIGN = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "MASTER_ADDR", "MASTER_PORT")
 
 
 def free_ports(count: int) -> list[int]:
@@ -97,10 +63,9 @@ class SlurmCluster:
 
     def environment(self, base: Mapping[str, str]) -> dict[str, str]:
         """`base` for a client of this cluster (sbatch, squeue, a Hydra sweep submitting to it):
-        its SLURM_CONF, the sacct stand-in first on PATH, nothing of another cluster's job."""
+        its SLURM_CONF, nothing of another cluster's job."""
         variables = {name: value for name, value in base.items() if not name.startswith(FOREIGN)}
-        path = f"{self.root / 'bin'}{os.pathsep}{base.get('PATH', os.defpath)}"
-        return {**variables, "SLURM_CONF": str(self.conf), "PATH": path}
+        return {**variables, "SLURM_CONF": str(self.conf)}
 
     def run(self, *command: str) -> str:
         """A client command's output; it must succeed."""
@@ -135,11 +100,8 @@ class SlurmCluster:
         self.stop()
 
     def write_config(self) -> None:
-        for directory in ("etc", "state", "log", "bin", *(f"spool/{node}" for node in NODES)):
+        for directory in ("etc", "state", "log", *(f"spool/{node}" for node in NODES)):
             (self.root / directory).mkdir(parents=True, exist_ok=True)
-        sacct = self.root / "bin" / "sacct"
-        sacct.write_text(f"#!{sys.executable}\n{SACCT}")
-        sacct.chmod(0o755)
         # an empty plugin stack, so that the system's /etc/slurm/plugstack.conf is not read
         (self.root / "etc" / "plugstack.conf").write_text("")
         controller_port, *node_ports = free_ports(1 + len(NODES))
@@ -164,7 +126,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-# ended jobs stay visible to `scontrol show job` (and so to the sacct stand-in) for an hour
+# ended jobs stay visible to `scontrol show job` for an hour
 MinJobAge=3600
 MpiDefault=none
 MailProg=/bin/true

@@ -1,18 +1,23 @@
 """Sweeps whose trials are SLURM jobs (`hydra/launcher=slurm`), on a real two-node SLURM cluster
-on loopback (tests/slurm.py), on the real digits data: trials that are 2-node DDP trainings
-whose ranks SLURM starts, and a trial that SLURM requeues mid-training and that resumes in its
-own directory and MLflow run as if nothing had happened, and an Optuna search whose trials, SLURM
-jobs, share a study in PostgreSQL."""
+on loopback (tests/slurm.py: node names that are no host names, no accounting), on the real
+digits data, run as the README says, with nothing added: trials that are 2-node DDP trainings
+whose ranks SLURM starts and that meet at the address SLURM has for their first node; ranks
+that cannot meet, failing their trials in bounded time; a trial cancelled before its result,
+which ends the sweep instead of leaving it waiting; trials that SLURM requeues mid-training (at
+their time limit, or preempted) and that resume in their own directory and MLflow run as if
+nothing had happened; and an Optuna search whose trials, SLURM jobs, share a study in
+PostgreSQL."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import optuna
@@ -24,7 +29,7 @@ from pipeline.tracking.server import STUDIES, LocalPostgres
 from pipeline.tracking.store import read_run
 from pipeline.tracking.sweeps import SCORE
 from tests.conftest import SHARED_RUN, cli, env, needs
-from tests.slurm import SlurmCluster
+from tests.slurm import NODES, SlurmCluster
 from tests.test_search import SEARCH, STUDY
 from tests.test_server import free_port, postgres_installed
 from tests.test_sweeps import QUICK, assert_parent_records_the_best, sweep_runs, trials
@@ -60,27 +65,34 @@ def slurm(cluster: SlurmCluster) -> Iterator[SlurmCluster]:
 
 
 def start_sweep(
-    cluster: SlurmCluster, tmp: Path, data_dir: Path, *overrides: str
+    cluster: SlurmCluster,
+    tmp: Path,
+    data_dir: Path,
+    *overrides: str,
+    exported: Mapping[str, str] | None = None,
 ) -> subprocess.Popen:
     """A sweep of SLURM jobs into `tmp`/sweep, tracked in `tmp`/mlflow.db, its output in
-    `tmp`/sweep.log."""
+    `tmp`/sweep.log, from a shell that has `exported` these variables."""
     command = cli(
         tmp, data_dir, "hydra/launcher=slurm", f"hydra.sweep.dir={tmp / 'sweep'}", *overrides, "-m"
     )
+    environment = {**cluster.environment(env()), **(exported or {})}
     with (tmp / "sweep.log").open("w") as output:
-        return subprocess.Popen(
-            command, cwd=tmp, env=cluster.environment(env()), stdout=output, stderr=output
-        )
+        return subprocess.Popen(command, cwd=tmp, env=environment, stdout=output, stderr=output)
+
+
+def ended(sweep: subprocess.Popen) -> int:
+    """The sweep's exit status, once it ended (killed if it outlives the wait)."""
+    try:
+        return sweep.wait(timeout=WAIT_S)
+    except subprocess.TimeoutExpired:
+        sweep.kill()
+        return sweep.wait()
 
 
 def finish(sweep: subprocess.Popen, cluster: SlurmCluster, tmp: Path) -> None:
     """Wait for the sweep; it must succeed."""
-    try:
-        sweep.wait(timeout=WAIT_S)
-    except subprocess.TimeoutExpired:
-        sweep.kill()
-        sweep.wait()
-    assert sweep.returncode == 0, what_happened(cluster, tmp)
+    assert ended(sweep) == 0, what_happened(cluster, tmp)
 
 
 def what_happened(cluster: SlurmCluster, tmp: Path) -> str:
@@ -102,10 +114,8 @@ def wait_for_state(cluster: SlurmCluster, job: str, state: str) -> str:
     return job_state(cluster, job)
 
 
-# DDP over both nodes, a rank on each; node1 and node2 are the names SLURM knows this machine
-# by, not host names, so rank 0's address is given
+# DDP over both nodes, a rank on each: the README's command
 TWO_NODES = (
-    'hydra.launcher.setup=["export MASTER_ADDR=127.0.0.1"]',
     "trainer=ddp",
     "trainer.accelerator=cpu",
     "trainer.num_nodes=2",
@@ -116,6 +126,9 @@ TWO_NODES = (
 def test_sweep_of_two_node_ddp_trials_gives_each_trial_one_dir_and_one_run(
     slurm, tmp_path, data_dir
 ):
+    for node in NODES:  # SLURM's names for this machine, which no resolver knows
+        with pytest.raises(socket.gaierror):
+            socket.getaddrinfo(node, None)
     sweep = start_sweep(
         slurm, tmp_path, data_dir, *TWO_NODES, *QUICK, "data.batch_size=64", "model.head=fc,gap"
     )
@@ -138,8 +151,10 @@ def test_sweep_of_two_node_ddp_trials_gives_each_trial_one_dir_and_one_run(
         last = torch.load(trial / "checkpoints" / "last.ckpt", weights_only=True)
         assert last["global_step"] == 9
         log = (trial / "train.log").read_text()  # both tasks log into their trial's log
-        assert "rank 0 of 2 on node node1" in log and "rank 1 of 2 on node node2" in log
-    assert {r.data.tags["slurm.nodes"] for r in children} == {"node[1-2]"}
+        assert "rank 0 of 2 on node n1" in log and "rank 1 of 2 on node n2" in log
+        # n1 is no host name: rank 0's address is n1's NodeAddr, as SLURM has it
+        assert "rank 0 at 127.0.0.1" in log
+    assert {r.data.tags["slurm.nodes"] for r in children} == {"n[1-2]"}
     # each trial a task of the sweep's job array (ARRAYID_TASK), named so in submitit's folders
     folders = (sweep_dir / ".submitit").iterdir()
     jobs = {p.name for p in folders if re.fullmatch(r"\d+_\d+", p.name)}
@@ -149,6 +164,116 @@ def test_sweep_of_two_node_ddp_trials_gives_each_trial_one_dir_and_one_run(
     # only rank 0 recorded its trial
     assert [t["status"] for t in trials(sweep_dir)] == ["COMPLETED", "COMPLETED"]
     assert_parent_records_the_best(client, parent, children)
+
+
+def test_ranks_that_cannot_meet_fail_their_trials_in_bounded_time_and_say_where(
+    slurm, tmp_path, data_dir
+):
+    # a MASTER_ADDR the user exported wins over SLURM's address; this one never resolves
+    unreachable = "rank0.invalid"
+    sweep = start_sweep(
+        slurm,
+        tmp_path,
+        data_dir,
+        *TWO_NODES,
+        *QUICK,
+        "trainer.ddp_timeout_s=15",
+        "optimizer.lr=0.01,0.02",
+        exported={"MASTER_ADDR": unreachable},
+    )
+    assert ended(sweep) == 1, what_happened(slurm, tmp_path)
+
+    output = (tmp_path / "sweep.log").read_text()
+    assert "Traceback" not in output
+    said = [line for line in output.splitlines() if "could not reach each other" in line]
+    assert len(said) == 1, output
+    assert f"at {unreachable}:" in said[0] and "trainer.ddp_timeout_s=15 s" in said[0]
+    # each trial's run holds its settings and ended FAILED; the parent closed
+    _, parent, children = sweep_runs(tmp_path)
+    assert [r.info.status for r in children] == ["FAILED", "FAILED"]
+    assert {r.data.params["optimizer.lr"] for r in children} == {"0.01", "0.02"}
+    assert parent.info.status == "FAILED"
+    recorded = trials(tmp_path / "sweep")
+    assert [t["status"] for t in recorded] == ["FAILED", "FAILED"]
+    assert all(unreachable in t["error"] for t in recorded)
+    assert {t["run_id"] for t in recorded} == {r.info.run_id for r in children}
+
+
+def test_a_trial_killed_before_its_result_ends_the_sweep_saying_so(slurm, tmp_path, data_dir):
+    # without accounting, submitit learns that a job ended only from its result; trial 0, long,
+    # is cancelled once it trains, trial 1 runs to its end
+    quick = ("evaluation.scales=[1.0]", "mlflow.log_checkpoint=false")
+    sweep = start_sweep(slurm, tmp_path, data_dir, *quick, "trainer.max_epochs=100,1")
+    trial = tmp_path / "sweep" / "0"
+    deadline = time.monotonic() + WAIT_S
+    while not (trial / "history.csv").exists() and time.monotonic() < deadline:
+        if sweep.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert (trial / "history.csv").exists(), what_happened(slurm, tmp_path)
+    (cancelled,) = [
+        job for job in slurm.run("squeue", "-h", "-o", "%i").split() if job[-2:] == "_0"
+    ]
+    slurm.run("scancel", cancelled)
+    assert ended(sweep) == 1, what_happened(slurm, tmp_path)
+
+    output = (tmp_path / "sweep.log").read_text()
+    assert "Traceback" not in output
+    (said,) = [line for line in output.splitlines() if "without a result" in line]
+    assert f"SLURM job {cancelled} ended CANCELLED" in said and said.count("SLURM job") == 1
+    _, parent, children = sweep_runs(tmp_path)
+    assert parent.info.status == "FAILED"
+    status = {r.data.tags["slurm.job_id"]: r.info.status for r in children}
+    assert len(status) == 2 and status.pop(cancelled) == "FAILED"
+    assert list(status.values()) == ["FINISHED"]  # the other trial ran to its end
+    recorded = {t["status"]: t for t in trials(tmp_path / "sweep")}
+    assert sorted(recorded) == ["COMPLETED", "FAILED"]
+    assert recorded["FAILED"]["run_id"] == read_run(trial)["run_id"]
+    assert recorded["FAILED"]["job"] == 0 and cancelled in recorded["FAILED"]["error"]
+
+
+# a training of about 150 s on this machine, one step per image, one thread: longer than its
+# SLURM job runs before it is signalled, on a machine twice as fast too
+TIME_LIMITED = ("optimizer=adam", "data.batch_size=1", "trainer.threads=1", "trainer.max_epochs=40")
+
+
+def test_trial_at_its_time_limit_is_requeued_until_it_finishes_as_if_uninterrupted(
+    slurm, tmp_path, data_dir
+):
+    # SLURM signals a job signal_delay_s to signal_delay_s + 30 s before its time limit (it looks
+    # every 30 s): here 45 to 75 s after it starts; submitit then requeues it, as often as needed
+    sweep = start_sweep(
+        slurm,
+        tmp_path,
+        data_dir,
+        *TIME_LIMITED,
+        "hydra.launcher.timeout_min=2",
+        "hydra.launcher.signal_delay_s=45",
+        "hydra.launcher.max_num_timeout=10",
+    )
+    # the same training, uninterrupted, here beside it
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    command = cli(straight, data_dir, *TIME_LIMITED, f"hydra.run.dir={straight / 'run'}")
+    reference = subprocess.run(command, cwd=straight, env=env(), capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    finish(sweep, slurm, tmp_path)
+
+    trial = tmp_path / "sweep" / "0"
+    client, _, children = sweep_runs(tmp_path)
+    (run,) = children
+    assert run.info.status == "FINISHED" and read_run(trial)["run_id"] == run.info.run_id
+    (job,) = {r.data.tags["slurm.job_id"] for r in children}
+    restarts = int(slurm.run("scontrol", "show", "job", job).split("Restarts=")[1].split()[0])
+    assert restarts >= 1
+    log = (trial / "train.log").read_text()
+    assert log.count("this job is timed-out") == restarts  # submitit's word for the signal
+    assert log.count("SLURM restarted this job") == restarts
+    assert [t["status"] for t in trials(tmp_path / "sweep")] == ["COMPLETED"]
+    resumed_curve = val_curve(client, run.info.run_id)
+    assert len(resumed_curve) == 40
+    straight_client = MlflowClient(f"sqlite:///{straight / 'mlflow.db'}")
+    assert resumed_curve == val_curve(straight_client, read_run(straight / "run")["run_id"])
 
 
 @pytest.fixture(scope="module")
@@ -163,18 +288,12 @@ def straight_ddp_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -
     return tmp / "run", f"sqlite:///{tmp / 'mlflow.db'}"
 
 
-@pytest.mark.parametrize(
-    ("overrides", "uninterrupted", "steps_per_epoch"),
-    [
-        # 1,137 training images in batches of 64: 18 steps an epoch, 9 over two ranks
-        pytest.param((), "shared_run", 18, id="one-task"),
-        pytest.param(TWO_NODES, "straight_ddp_run", 9, id="rank-on-each-node"),
-    ],
-)
-def test_requeued_trial_resumes_in_its_dir_and_run_and_matches_an_uninterrupted_training(
-    overrides, uninterrupted, steps_per_epoch, request, slurm, tmp_path, data_dir
+def test_preempted_trial_resumes_in_its_dir_and_run_and_matches_an_uninterrupted_training(
+    straight_ddp_run, slurm, tmp_path, data_dir
 ):
-    sweep = start_sweep(slurm, tmp_path, data_dir, *SHARED_RUN, *overrides)
+    # 1,137 training images in batches of 64 over two ranks: 9 steps an epoch
+    steps_per_epoch = 9
+    sweep = start_sweep(slurm, tmp_path, data_dir, *SHARED_RUN, *TWO_NODES)
     trial = tmp_path / "sweep" / "0"
     last = trial / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + WAIT_S
@@ -200,7 +319,7 @@ def test_requeued_trial_resumes_in_its_dir_and_run_and_matches_an_uninterrupted_
     assert [(r.info.run_id, r.info.status) for r in children] == [(run_id, "FINISHED")]
     assert [t["status"] for t in trials(tmp_path / "sweep")] == ["COMPLETED"]
 
-    straight_dir, straight_uri = request.getfixturevalue(uninterrupted)[-2:]
+    straight_dir, straight_uri = straight_ddp_run
     resumed_curve = val_curve(client, run_id)
     every_epoch = [steps_per_epoch * epoch - 1 for epoch in range(1, 6)]
     assert sorted(resumed_curve) == every_epoch

@@ -55,6 +55,7 @@ SWEEP_FILE = "sweep_run.json"
 TRIALS_FILE = "trials.jsonl"  # one line per finished or failed trial
 PARENT_TAG = "mlflow.parentRunId"
 SCORE = "val/acc_best"  # what pipeline.train returns and the sweep maximises
+SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 # Composing and validating one trial's config takes about 0.1 s. A sweep of up to this many
 # trials has every trial checked; a bigger one (a product of hundreds) has each value checked
 # once, in the first trial with only that value changed: a value bad on its own still stops
@@ -242,6 +243,13 @@ def open_sweep_run(
     return parent["run_id"]
 
 
+def append_trial(sweep_dir: Path, trial: dict[str, Any]) -> None:
+    """Add a finished or failed trial to the sweep's `trials.jsonl`, in one write: trials that
+    end at once in several processes append whole lines."""
+    with (sweep_dir / TRIALS_FILE).open("a") as trials:
+        trials.write(json.dumps(trial, default=str) + "\n")
+
+
 class SweepTracking(Callback):
     """One MLflow parent run per Hydra multirun, holding one child run per trial."""
 
@@ -251,6 +259,13 @@ class SweepTracking(Callback):
         self.closed = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.tracking_uri = config.mlflow.tracking_uri
+        if config.hydra.launcher._target_ == SLURM_LAUNCHER:
+            from pipeline.slurm import LostJobWatch, without_accounting
+
+            if without_accounting():
+                jobs = Path(config.hydra.launcher.submitit_folder).parent
+                LostJobWatch(jobs, lambda lost: self.lost(lost, jobs)).start()
         # before the parent run and the sweep directory: a refused sweep leaves no trace
         if config.hydra.sweeper._target_ == OPTUNA_SWEEPER:
             return  # it checks its search space and store, and opens (or reopens) its parent run
@@ -264,7 +279,6 @@ class SweepTracking(Callback):
             sys.exit(1)
         parent = open_sweep_run(config)
         self.sweep_file = Path(config.hydra.sweep.dir) / SWEEP_FILE
-        self.tracking_uri = config.mlflow.tracking_uri
         log.info("sweep %s: MLflow parent run %s", config.hydra.sweep.dir, parent)
         # a sweeper that raises (a failed trial under the basic sweeper) skips
         # on_multirun_end: close the parent as FAILED when the process ends
@@ -304,8 +318,43 @@ class SweepTracking(Callback):
             "output_dir": str(output_dir),
             "overrides": list(hydra.overrides.task),
         }
-        with (Path(hydra.sweep.dir) / TRIALS_FILE).open("a") as log_file:  # one write per line
-            log_file.write(json.dumps(trial, default=str) + "\n")
+        append_trial(Path(hydra.sweep.dir), trial)
+
+    def lost(self, jobs: dict[str, str], submitit_dir: Path) -> None:
+        """Trials whose SLURM jobs ended without a result, which submitit would wait for ever
+        (`pipeline.slurm.LostJobWatch`), once the others have ended: their runs end FAILED, the
+        sweep records them, closes its parent as FAILED and ends, saying which."""
+        from pipeline.tracking.store import tracking_client
+
+        client = tracking_client(self.tracking_uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        said = []
+        for job, state in sorted(jobs.items()):
+            error = (
+                f"SLURM job {job} ended {state} without a result (cancelled, out of memory, "
+                f"or its node failed; its logs: {submitit_dir / job})"
+            )
+            said.append(error)
+            runs = client.search_runs(experiments, filter_string=f"tags.`slurm.job_id` = '{job}'")
+            for run in runs:
+                client.set_terminated(run.info.run_id, "FAILED")
+            if self.sweep_file is None:
+                continue
+            tags = runs[0].data.tags if runs else {}
+            trial = {
+                "job": int(tags["sweep.job_num"]) if "sweep.job_num" in tags else None,
+                "status": "FAILED",
+                "score": None,
+                "error": error,
+                "run_id": runs[0].info.run_id if runs else None,
+                "output_dir": tags.get("output_dir"),
+                "overrides": json.loads(tags.get("sweep.overrides", "[]")),
+            }
+            append_trial(self.sweep_file.parent, trial)
+        log.error("%s; the sweep ends", "; ".join(said))
+        self.close("FAILED")
+        logging.shutdown()
+        os._exit(1)  # submitit would wait on in the main thread
 
     def close(self, status: str) -> None:
         """Record the best trial on the parent run and end it with `status`."""
