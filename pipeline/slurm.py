@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-SCONTROL_TIMEOUT_S = 30
+CLIENT_TIMEOUT_S = 30
 LOST_JOB_PERIOD_S = 10.0
 # job states from which a job may still write its result (scontrol's names)
 STILL_GOING = frozenset(
@@ -46,16 +46,15 @@ JOB_FOLDER = re.compile(r"\d+(_\d+)?")  # submitit's folder of a job, or of an a
 SACCT_WARNING = "Bypassing sacct error"
 
 
-def scontrol(*args: str) -> str:
-    """`scontrol ARGS`' output; a SlurmError saying what failed."""
+def slurm(*command: str) -> str:
+    """A SLURM client command's output; a SlurmError in its own words if it fails."""
     try:
-        result = subprocess.run(
-            ["scontrol", *args], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S
-        )
+        result = subprocess.run(command, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as err:
-        raise SlurmError(f"scontrol {' '.join(args)}: {err}") from err
+        raise SlurmError(f"{' '.join(command)}: {err}") from err
     if result.returncode != 0:
-        raise SlurmError(f"scontrol {' '.join(args)}: {result.stderr.strip() or result.stdout}")
+        said = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise SlurmError(f"{command[0]}: {said[0] if said else f'exit {result.returncode}'}")
     return result.stdout
 
 
@@ -66,25 +65,19 @@ class SlurmError(PipelineError):
 def first_node_address(nodelist: str) -> str:
     """The address SLURM reaches the first node of `nodelist` (a job's SLURM_JOB_NODELIST,
     such as n[1-2]) at: its NodeAddr."""
-    first = scontrol("show", "hostnames", nodelist).split()[0]
-    fields = dict(
-        item.split("=", 1) for item in scontrol("show", "node", "-o", first).split() if "=" in item
-    )
+    first = slurm("scontrol", "show", "hostnames", nodelist).split()[0]
+    shown = slurm("scontrol", "show", "node", "-o", first)
+    fields = dict(item.split("=", 1) for item in shown.split() if "=" in item)
     return fields.get("NodeAddr") or first
 
 
 def accounting_error() -> str | None:
     """Why `sacct` cannot tell job states here (its own words), or None when it can."""
     try:
-        result = subprocess.run(
-            ["sacct", "-n", "-X", "-j", "1"], capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return str(err)
-    if result.returncode == 0:
-        return None
-    said = (result.stderr.strip() or result.stdout.strip()).splitlines()
-    return said[0] if said else f"exit status {result.returncode}"
+        slurm("sacct", "-n", "-X", "-j", "1")
+    except SlurmError as err:
+        return str(err).removeprefix("sacct: ")
+    return None
 
 
 class WithoutAccounting(logging.Filter):
@@ -114,7 +107,7 @@ def job_state(job: str) -> str | None:
     """SLURM's state of `job` (ID or ARRAYID_TASK); None once slurmctld has forgotten it
     (MinJobAge after it ended)."""
     try:
-        return scontrol("show", "job", "-o", job).split("JobState=", 1)[1].split()[0]
+        return slurm("scontrol", "show", "job", "-o", job).split("JobState=", 1)[1].split()[0]
     except SlurmError as err:
         if "Invalid job id" in str(err):
             return None
