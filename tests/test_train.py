@@ -299,7 +299,16 @@ def test_two_nodes_started_by_hand_train_one_model_as_one_run(tmp_path, data_dir
     assert last["global_step"] == 18
 
 
-def test_a_node_whose_node_0_never_answers_fails_in_bounded_time_saying_where(tmp_path, data_dir):
+@pytest.mark.parametrize(
+    ("node_rank", "node_0"),
+    [
+        pytest.param(1, "node0.invalid", id="node-0-never-answers"),
+        pytest.param(0, "127.0.0.1", id="node-1-never-starts"),
+    ],
+)
+def test_a_node_whose_peer_is_missing_fails_in_bounded_time_saying_where(
+    node_rank, node_0, tmp_path, data_dir
+):
     command = cli(
         tmp_path,
         data_dir,
@@ -308,13 +317,16 @@ def test_a_node_whose_node_0_never_answers_fails_in_bounded_time_saying_where(tm
         "trainer.devices=1",
         "trainer.num_nodes=2",
         "trainer.ddp_timeout_s=10",
-        f"hydra.run.dir={tmp_path / 'node1'}",
+        f"hydra.run.dir={tmp_path / 'node'}",
     )
-    where = {"MASTER_ADDR": "node0.invalid", "MASTER_PORT": "29511", "NODE_RANK": "1"}
+    with socket.socket() as probe:  # node 0's rendezvous port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    where = {"MASTER_ADDR": node_0, "MASTER_PORT": str(port), "NODE_RANK": str(node_rank)}
     result = subprocess.run(
         command, cwd=tmp_path, env={**env(), **where}, capture_output=True, text=True, timeout=300
     )
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in output
     (said,) = [line for line in output.splitlines() if "could not reach each other" in line]
-    assert "at node0.invalid:29511" in said and "trainer.ddp_timeout_s=10 s" in said
+    assert f"at {node_0}:{port}" in said and "trainer.ddp_timeout_s=10 s" in said
