@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -138,6 +139,13 @@ def needs(available: bool, what: str) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{what} is missing, and CI=true requires it")
         pytest.skip(f"needs {what}")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def env() -> dict[str, str]:

@@ -44,10 +44,9 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.logged_model import run_model_id
 from pipeline.tracking.server import wait_healthy
 from pipeline.tracking.store import read_run
-from tests.conftest import REPO, cli, env, run_training
+from tests.conftest import REPO, cli, env, free_port, run_training
 from tests.formats import md5, mnist_files
 from tests.test_dvc import repo_copy, sh  # noqa: F401 (repo_copy: a fixture, for dvc_repo)
-from tests.test_mlflow_models import free_port
 
 BOUND_S = 240  # a fault must end the command well within this: a hang fails the test
 

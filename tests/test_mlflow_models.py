@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -28,7 +27,7 @@ from pipeline.tracking.server import wait_healthy
 from pipeline.tracking.store import read_run
 from pipeline.training.fit import train
 from pipeline.training.module import Classifier
-from tests.conftest import env, train_config
+from tests.conftest import env, free_port, train_config
 
 pytestmark = pytest.mark.slow  # every test here reads a training's model
 
@@ -209,12 +208,6 @@ def test_evaluate_of_a_run_gone_from_its_store_says_to_train_again(gap_run, data
     assert f"names MLflow run {run['run_id']}, which the store at" in result.stdout
     assert "dvc repro --force train@" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

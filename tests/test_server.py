@@ -8,7 +8,6 @@ import hashlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,16 +24,10 @@ from pipeline.errors import PipelineError
 from pipeline.tracking.server import LocalPostgres, postgres_bin
 from pipeline.tracking.store import read_run
 from pipeline.tracking.sweeps import PARENT_TAG, SCORE
-from tests.conftest import env, needs
+from tests.conftest import env, free_port, needs
 from tests.test_search import GOOD_AND_BAD, SEARCH, STUDY
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("server")]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def postgres_installed() -> bool:

@@ -28,12 +28,12 @@ from mlflow.tracking import MlflowClient
 from pipeline.tracking.server import STUDIES, LocalPostgres
 from pipeline.tracking.store import read_run
 from pipeline.tracking.sweeps import SCORE
-from tests.conftest import SHARED_RUN, cli, env, needs
+from tests.conftest import SHARED_RUN, cli, env, free_port, needs
 from tests.slurm import NODES, SlurmCluster
 from tests.test_search import SEARCH, STUDY
-from tests.test_server import free_port, postgres_installed
+from tests.test_server import postgres_installed
 from tests.test_sweeps import QUICK, assert_parent_records_the_best, sweep_runs, trials
-from tests.test_train import val_curve
+from tests.test_train import TWO_NODES, val_curve
 
 # every test here runs sweeps on the cluster; bounds for a hang, not for speed
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -112,15 +112,6 @@ def wait_for_state(cluster: SlurmCluster, job: str, state: str) -> str:
     while job_state(cluster, job) != state and time.monotonic() < deadline:
         time.sleep(0.1)
     return job_state(cluster, job)
-
-
-# DDP over both nodes, a rank on each: the README's command
-TWO_NODES = (
-    "trainer=ddp",
-    "trainer.accelerator=cpu",
-    "trainer.num_nodes=2",
-    "trainer.devices=1",
-)
 
 
 def test_sweep_of_two_node_ddp_trials_gives_each_trial_one_dir_and_one_run(

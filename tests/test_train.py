@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.models import InputShapeError
 from pipeline.tracking.store import read_run
 from pipeline.training.module import Classifier
-from tests.conftest import SHARED_RUN, cli, env, run_module, run_training
+from tests.conftest import SHARED_RUN, cli, env, free_port, run_module, run_training
 
 pytestmark = pytest.mark.slow  # every test here trains
 
@@ -256,19 +255,18 @@ def val_curve(client: MlflowClient, run_id: str) -> dict[int, float]:
     return {m.step: m.value for m in history}
 
 
+# DDP over two nodes, a rank on each (the README's SLURM command too)
+TWO_NODES = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.num_nodes=2", "trainer.devices=1")
+
+
 def test_two_nodes_started_by_hand_train_one_model_as_one_run(tmp_path, data_dir):
-    with socket.socket() as probe:  # node 0's rendezvous port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # node 0's rendezvous port
     nodes = [
         subprocess.Popen(
             cli(
                 tmp_path,
                 data_dir,
-                "trainer=ddp",
-                "trainer.accelerator=cpu",
-                "trainer.devices=1",
-                "trainer.num_nodes=2",
+                *TWO_NODES,
                 "trainer.max_epochs=2",
                 "data.batch_size=64",
                 f"hydra.run.dir={tmp_path / f'node{rank}'}",
@@ -310,18 +308,9 @@ def test_a_node_whose_peer_is_missing_fails_in_bounded_time_saying_where(
     node_rank, node_0, tmp_path, data_dir
 ):
     command = cli(
-        tmp_path,
-        data_dir,
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=1",
-        "trainer.num_nodes=2",
-        "trainer.ddp_timeout_s=10",
-        f"hydra.run.dir={tmp_path / 'node'}",
+        tmp_path, data_dir, *TWO_NODES, "trainer.ddp_timeout_s=10", f"hydra.run.dir={tmp_path}/node"
     )
-    with socket.socket() as probe:  # node 0's rendezvous port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # node 0's rendezvous port
     where = {"MASTER_ADDR": node_0, "MASTER_PORT": str(port), "NODE_RANK": str(node_rank)}
     result = subprocess.run(
         command, cwd=tmp_path, env={**env(), **where}, capture_output=True, text=True, timeout=300
