@@ -293,9 +293,11 @@ class TrainerConfig:
     # the one GPU (its index) this training uses; null: Lightning's choice. A search packing
     # trials onto this machine's GPUs sets each one's (hydra.sweeper.trials_per_device)
     device: int | None = None
-    # seconds DDP ranks wait for each other: to meet when the training starts (an address that
-    # does not resolve or answer, a rank that never started) and at every synchronization after
-    ddp_timeout_s: float = 300.0
+    # seconds DDP ranks wait for each other (torch's process-group timeout): to meet when the
+    # training starts (an address that does not resolve or answer, a rank that never started)
+    # and at every synchronization after. A rank whose rank 0 never answers waits up to about
+    # twice this: torch's store client makes a second attempt, after a random pause
+    ddp_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         one_of(self.profiler, "trainer.profiler", ("simple", "advanced", "pytorch"), True)

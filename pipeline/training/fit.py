@@ -121,9 +121,9 @@ def train(
 
 
 def strategy(trainer: TrainerConfig) -> str | DDPStrategy:
-    """Lightning's strategy by its name; DDP's ranks wait for each other at most
-    `trainer.ddp_timeout_s` (torch's default: 30 minutes, and for ever at an address that does
-    not resolve, as its store retries its connection)."""
+    """Lightning's strategy by its name; DDP's with `trainer.ddp_timeout_s` as torch's timeout
+    (its default: 30 minutes, and rank 0's store then waits that long for a rank that never
+    starts, and a rank for a rank 0 that never answers)."""
     if trainer.strategy != "ddp":
         return trainer.strategy
     return DDPStrategy(timeout=timedelta(seconds=trainer.ddp_timeout_s))

@@ -115,7 +115,7 @@ def ranks_apart(cfg: TrainJob, err: DistError) -> PipelineError:
     address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return PipelineError(
-        f"DDP ranks could not reach each other at {address} within trainer.ddp_timeout_s="
+        f"DDP ranks could not reach each other at {address}, waiting trainer.ddp_timeout_s="
         f"{cfg.trainer.ddp_timeout_s:g} s ({said}): check that every node resolves and reaches "
         f"that address on that port (MASTER_ADDR, MASTER_PORT), and that all "
         f"{cfg.trainer.world_size} ranks started"
