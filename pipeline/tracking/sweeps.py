@@ -7,7 +7,9 @@ its own run as a child. When the sweep ends the parent records the best trial (t
 sweep chose as `best.*` params, its `val/acc_best`), attaches `trials.jsonl` (every trial:
 status, score or error, run id, overrides) and closes; a sweep that stops on a failure closes
 its parent as FAILED. A trial whose ranks are SLURM tasks (`hydra/launcher=slurm`) runs the
-whole Hydra job in each: only rank 0 records it. An Optuna search's parent run is its study's,
+whole Hydra job in each: only rank 0 records it. On a SLURM cluster without accounting, a trial
+whose job was killed before it wrote its result (which submitit would wait for ever) ends the
+sweep, recorded as FAILED (`SweepTracking.lost`). An Optuna search's parent run is its study's,
 kept across resumes: its sweeper opens and records it (pipeline/search/run.py).
 
 Before any of that, every trial's config is composed and validated (`validate_trials`): a typo
