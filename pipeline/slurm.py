@@ -1,4 +1,5 @@
-"""What the pipeline asks SLURM itself, through its client commands (`scontrol`, `sacct`).
+"""What the pipeline asks SLURM itself, through its client commands (`scontrol`, `squeue`,
+`sacct`).
 
 Node names are SLURM's, not host names: many sites name nodes by aliases (`NodeName=n1
 NodeAddr=10.0.0.7`), so the address a process connects to is the node's `NodeAddr`, which
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 CLIENT_TIMEOUT_S = 30
 LOST_JOB_PERIOD_S = 10.0
-# job states from which a job may still write its result (scontrol's names)
+# job states from which a job may still write its result (squeue's %T names)
 STILL_GOING = frozenset(
     {
         "PENDING",
@@ -82,7 +83,7 @@ def accounting_error() -> str | None:
 
 class WithoutAccounting(logging.Filter):
     """Drops submitit's warning on each poll of a cluster without accounting: the sweep says
-    once what it means (`note_accounting`)."""
+    once what it means (`without_accounting`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return SACCT_WARNING not in record.getMessage()
@@ -103,37 +104,33 @@ def without_accounting() -> bool:
     return True
 
 
-def job_state(job: str) -> str | None:
-    """SLURM's state of `job` (ID or ARRAYID_TASK); None once slurmctld has forgotten it
-    (MinJobAge after it ended)."""
+def job_states(jobs: list[str]) -> dict[str, str]:
+    """SLURM's states of `jobs` (IDs or ARRAYID_TASKs), in one `squeue`; a job slurmctld has
+    forgotten (MinJobAge after it ended) is left out."""
     try:
-        return slurm("scontrol", "show", "job", "-o", job).split("JobState=", 1)[1].split()[0]
+        shown = slurm("squeue", "-h", "-r", "--states=all", "-o", "%i %T", "-j", ",".join(jobs))
     except SlurmError as err:
-        if "Invalid job id" in str(err):
-            return None
+        if "Invalid job id" in str(err):  # squeue's answer when it knows none of them
+            return {}
         raise
+    return dict(line.split() for line in shown.splitlines() if line.strip())
 
 
 class LostJobWatch(threading.Thread):
     """Without accounting, submitit learns that a job ended only from the result the job writes,
     and waits for ever on one killed before it could (scancel, out of memory, a failed node).
-    This thread asks SLURM every `period_s` about the sweep's jobs (the folders submitit makes
-    in `submitit_dir`) that have no result. Once none is still going and some ended without a
-    result, it calls `on_lost` with {job: state} of those."""
+    Every LOST_JOB_PERIOD_S this thread asks SLURM, in one `squeue`, about the sweep's jobs (the
+    folders submitit makes in `submitit_dir`) that have no result. Once none is still going and
+    some ended without a result, it calls `on_lost` with {job: state} of those."""
 
-    def __init__(
-        self,
-        submitit_dir: Path,
-        on_lost: Callable[[dict[str, str]], None],
-        period_s: float = LOST_JOB_PERIOD_S,
-    ) -> None:
+    def __init__(self, submitit_dir: Path, on_lost: Callable[[dict[str, str]], None]) -> None:
         super().__init__(name="lost-slurm-jobs", daemon=True)
-        self.submitit_dir, self.on_lost, self.period_s = submitit_dir, on_lost, period_s
+        self.submitit_dir, self.on_lost = submitit_dir, on_lost
 
     def run(self) -> None:
         ended: set[str] = set()
         while True:
-            time.sleep(self.period_s)
+            time.sleep(LOST_JOB_PERIOD_S)
             try:
                 lost = self.lost_jobs(ended)
             except SlurmError as err:  # a busy or restarting controller: the next look
@@ -147,14 +144,22 @@ class LostJobWatch(threading.Thread):
         """{job: state} of the jobs lost for good, once no other job is still going. A job
         writes its result before it ends: one that ended without a result at two looks in a
         row (`ended` keeps the first) never gets one."""
-        going, lost = False, {}
         folders = list(self.submitit_dir.iterdir()) if self.submitit_dir.is_dir() else []
         arrays = {folder.name.split("_")[0] for folder in folders if "_" in folder.name}
-        for folder in folders:
-            job = folder.name
-            if not JOB_FOLDER.fullmatch(job) or job in arrays or any(folder.glob("*_result.pkl")):
-                continue  # not a job, a job array's own folder (its tasks have theirs), or done
-            state = job_state(job)
+        # not a job, a job array's own folder (its tasks have theirs), or done
+        waiting = [
+            folder.name
+            for folder in folders
+            if JOB_FOLDER.fullmatch(folder.name)
+            and folder.name not in arrays
+            and not any(folder.glob("*_result.pkl"))
+        ]
+        if not waiting:
+            return {}
+        states = job_states(waiting)
+        going, lost = False, {}
+        for job in waiting:
+            state = states.get(job)
             if state in STILL_GOING:
                 going = True
             elif job in ended:
