@@ -183,8 +183,8 @@ class BatchConfig:
 
 # --- model ---------------------------------------------------------------------------------
 
-# the builders' names (pipeline.models.backbones, pipeline.models.heads)
-BACKBONE_NAMES = ("lenet5", "lenet5_keras", "lenet5_classic", "alexnet")
+# the heads' names (pipeline.models.heads); backbones are open: the zoo's register themselves
+# (pipeline/models/zoo/), and a user's own is named by `_target_`
 HEAD_NAMES = ("fc", "gap", "spp")
 ACTIVATIONS = ("relu", "tanh", "scaled_tanh", "sigmoid")
 # trainable: LeCun's subsampling, the 2x2 sum times a coefficient plus a bias, per map
@@ -207,7 +207,10 @@ class ModelConfig:
     faithful to each paper. Input shape and class count come from the dataset.
     """
 
-    backbone: str = "lenet5"
+    # a zoo network's name (pipeline/models/zoo/: lenet5, alexnet, nin...; checked when the
+    # model is built, the zoo's modules import torch), or a network of your own package:
+    # {_target_: my_package.MyNet, ...its arguments} (pipeline.models.backbones)
+    backbone: Any = "lenet5"
     head: str = "fc"
     # null: the backbone's own (relu; lenet5_classic: scaled_tanh)
     activation: str | None = None
@@ -230,11 +233,17 @@ class ModelConfig:
     # alexnet only: imagenet (11x11 stride 4) or cifar (5x5 stride 1) first layer; null:
     # imagenet for inputs of 64 px and more, cifar below
     stem: str | None = None
-    # alexnet only: multiplies every layer's width; null: 1.0
+    # multiplies every layer's width, in the backbones that scale (alexnet, nin); null: 1.0
     width: float | None = None
 
     def __post_init__(self) -> None:
-        one_of(self.backbone, "model.backbone", BACKBONE_NAMES)
+        if isinstance(self.backbone, dict):
+            target = self.backbone.get("_target_")
+            ok = isinstance(target, str) and "." in target
+            require(ok, "model.backbone._target_", target, "a dotted path: my_package.MyNet")
+        else:
+            allowed = "a zoo network's name (lenet5, alexnet...) or {_target_: my_package.MyNet}"
+            require(isinstance(self.backbone, str), "model.backbone", self.backbone, allowed)
         one_of(self.head, "model.head", HEAD_NAMES)
         one_of(self.activation, "model.activation", ACTIVATIONS, nullable=True)
         one_of(self.pooling, "model.pooling", POOLINGS, nullable=True)
@@ -260,6 +269,13 @@ class ModelConfig:
             require(0 <= self.dropout < 1, "model.dropout", self.dropout, "null or 0 <= p < 1")
         if self.width is not None:
             require(0 < self.width <= 4, "model.width", self.width, "null or 0 < width <= 4")
+
+    @property
+    def backbone_name(self) -> str:
+        """The zoo name, or the class or function name of the user's `_target_`."""
+        if isinstance(self.backbone, str):
+            return self.backbone
+        return self.backbone["_target_"].rpartition(".")[2]
 
 
 # --- training ------------------------------------------------------------------------------

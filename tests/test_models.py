@@ -15,7 +15,6 @@ from pipeline.cli import CONF_DIR, compose_config
 from pipeline.config import FIRST_LAYERS, ModelConfig, SummaryJob
 from pipeline.errors import ConfigError
 from pipeline.models import BACKBONES, HEADS, InputShapeError, Network, build_model
-from pipeline.models.backbones import LECUN_C3_TABLE
 from pipeline.models.banks import bank
 from pipeline.models.geometry import output_shape
 from pipeline.models.layers import (
@@ -25,6 +24,7 @@ from pipeline.models.layers import (
     TrainableSubsampling,
     hadamard_codes,
 )
+from pipeline.models.zoo.lenet import LECUN_C3_TABLE
 from tests.conftest import CIFAR, MNIST, dataset_config
 
 BANKS = [name for name in FIRST_LAYERS if name != "learned"]
@@ -390,8 +390,8 @@ def test_named_configs_compose_and_build(name: str) -> None:
     backbone, _, head = name.partition("_")
     if head in HEAD_NAMES:  # lenet5_gap, alexnet_spp...
         assert (model.hparams["backbone"], model.hparams["head"]) == (backbone, head)
-    else:
-        assert (model.hparams["backbone"], model.hparams["head"]) == (name, "fc")
+    else:  # a network's own file: its backbone with its usual head
+        assert model.hparams["backbone"] == name
     with torch.no_grad():
         assert model.eval()(torch.randn(1, *MNIST)).shape == (1, 10)
 
@@ -419,7 +419,6 @@ def test_hparams_are_plain_values() -> None:
     ("options", "message"),
     [
         ({"head": "mlp"}, "'model.head' = 'mlp' is invalid; allowed: fc, gap, spp"),
-        ({"backbone": "vgg"}, "allowed: lenet5, lenet5_keras, lenet5_classic, alexnet"),
         ({"activation": "gelu"}, "allowed: null, relu, tanh, scaled_tanh, sigmoid"),
         ({"pooling": "min"}, "allowed: null, max, avg, trainable"),
         ({"first_layer": "canny"}, "learned, gabor, prewitt, sobel, gaussian, laplacian"),

@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from pipeline.checkpoints import read_checkpoint
-from pipeline.config import DatasetConfig, EvaluationConfig, ModelConfig
+from pipeline.config import EvaluationConfig
 from pipeline.data.augment import resize
 from pipeline.data.store import Split, staged_files
 from pipeline.errors import PipelineError
@@ -35,7 +35,7 @@ from pipeline.evaluation.figures import (
     misclassified_figure,
     resolution_figure,
 )
-from pipeline.models import ImageClassifier, build_model
+from pipeline.models import ImageClassifier, build_classifier
 from pipeline.tracking.store import RUN_FILE, read_run, tracking_client
 
 log = logging.getLogger(__name__)
@@ -219,9 +219,7 @@ def load_checkpoint(path: Path) -> ImageClassifier:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoint = read_checkpoint(path, device)
     hparams = checkpoint["hyper_parameters"]
-    dataset = DatasetConfig(**hparams["dataset"])
-    network = build_model(ModelConfig(**hparams["model"]), dataset)
-    model = ImageClassifier(network, dataset, hparams["mean"], hparams["std"])
+    model = build_classifier(**{key: hparams[key] for key in ("model", "dataset", "mean", "std")})
     weights = {
         key.removeprefix("model."): value
         for key, value in checkpoint["state_dict"].items()

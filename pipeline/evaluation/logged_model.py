@@ -1,14 +1,16 @@
 """A trained classifier as an MLflow model, and its place in the Model Registry.
 
 The logged model is a pyfunc "model from code" (`served_model.py`): loading it runs that file,
-which rebuilds the network from its config (`build_model` on the ModelConfig and DatasetConfig it
-was trained with) and a state dict read with `weights_only=True`. Nothing on the way from a
-checkpoint to a served model is unpickled beyond tensors. Its signature takes uint8 images
-N x C x H x W, any H and W for GAP and SPP heads (MLflow refuses other sizes for an fc head,
-naming the one it takes); it answers each image's class index, class name and probabilities.
-The model's own code refuses, with an MlflowException (served: a 400 saying why), images below
-its network's smallest size and pixels all 0 or 1 (floats in [0, 1] cast to the uint8).
-The model carries the run's params, its test metrics and links to its run and checkpoint.
+which rebuilds the network from its config (`build_classifier` on the ModelConfig and
+DatasetConfig it was trained with) and a state dict read with `weights_only=True`; the model
+carries this package's code, and the user's package that defines its backbone if it has one.
+Nothing on the way from a checkpoint to a served model is unpickled beyond tensors. Its
+signature takes uint8 images N x C x H x W, any H and W for GAP and SPP heads (MLflow refuses
+other sizes for an fc head, naming the one it takes); it answers each image's class index, class
+name and probabilities. The model's own code refuses, with an MlflowException (served: a 400
+saying why), images below its network's smallest size and pixels all 0 or 1 (floats in [0, 1]
+cast to the uint8). The model carries the run's params, its test metrics and links to its run
+and checkpoint.
 
 A registered model's `champion` alias points at its version with the best test accuracy: a new
 version takes it only by beating it.
@@ -16,6 +18,7 @@ version takes it only by beating it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import tempfile
@@ -64,6 +67,18 @@ def signature(module: Classifier) -> ModelSignature:
     return ModelSignature(inputs, OUTPUTS)
 
 
+def code_paths(model: dict) -> list[str]:
+    """The packages loading the model imports: this one, and the top-level package (or module)
+    that defines a user's own backbone (`model.backbone._target_`)."""
+    paths = [str(Path(pipeline.__file__).parent)]
+    if isinstance(model["backbone"], dict):
+        spec = importlib.util.find_spec(model["backbone"]["_target_"].partition(".")[0])
+        if spec is not None and spec.origin is not None:
+            origin = Path(spec.origin)
+            paths.append(str(origin.parent if spec.submodule_search_locations else origin))
+    return paths
+
+
 def log_model(
     module: Classifier,
     run_id: str,
@@ -78,7 +93,6 @@ def log_model(
     test images, the input example."""
     # served_model.py's input: ModelConfig and DatasetConfig as dicts, the data's mean and std
     config = {key: module.hparams[key] for key in ("model", "dataset", "mean", "std")}
-    package = Path(pipeline.__file__).parent
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {"config": Path(tmp, "config.json"), "weights": Path(tmp, "weights.pt")}
         artifacts["config"].write_text(json.dumps(config, indent=2) + "\n")
@@ -87,9 +101,9 @@ def log_model(
         with mlflow.start_run(run_id):
             info = mlflow.pyfunc.log_model(
                 name=f"{module.model.network.name}-{module.dataset_cfg.name}",
-                python_model=package / "evaluation" / "served_model.py",
+                python_model=Path(pipeline.__file__).parent / "evaluation" / "served_model.py",
                 artifacts={key: str(path) for key, path in artifacts.items()},
-                code_paths=[str(package)],
+                code_paths=code_paths(config["model"]),
                 signature=signature(module),
                 input_example=example.cpu().numpy(),
                 # mlflow by its module's version: mlflow-skinny installs the same module

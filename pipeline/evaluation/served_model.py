@@ -13,8 +13,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from pipeline.config import DatasetConfig, ModelConfig
-from pipeline.models import ImageClassifier, InputShapeError, build_model
+from pipeline.models import InputShapeError, build_classifier
 
 
 class RefusedInput(MlflowException, ValueError):
@@ -33,11 +32,10 @@ class ServedClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         config = json.loads(Path(context.artifacts["config"]).read_text())
-        dataset = DatasetConfig(**config["dataset"])
-        network = build_model(ModelConfig(**config["model"]), dataset)
-        network.load_state_dict(torch.load(context.artifacts["weights"], weights_only=True))
-        self.classes = list(dataset.classes)
-        self.model = ImageClassifier(network, dataset, config["mean"], config["std"]).eval()
+        self.model = build_classifier(**config).eval()
+        weights = torch.load(context.artifacts["weights"], weights_only=True)
+        self.model.network.load_state_dict(weights)
+        self.classes = list(self.model.dataset_cfg.classes)
 
     def predict(self, context, model_input, params=None):
         """uint8 images N x C x H x W -> a row per image: class index, name, probabilities."""

@@ -1,4 +1,5 @@
-"""`build_model`: the one path from composed config to network, for training, summary and tests."""
+"""`build_model`: the one path from config to network, for training, summary and tests;
+`build_classifier`: the one path from a trained model's saved hyperparameters back to it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from torch import Tensor, nn
 
 from pipeline.config import DatasetConfig, ModelConfig
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.models.backbones import BACKBONES
-from pipeline.models.geometry import Shape, min_input_size, output_shape
+from pipeline.models.backbones import backbone_entry
+from pipeline.models.geometry import InputTooSmallError, Shape, min_input_size, output_shape
 from pipeline.models.heads import HEADS
 
 
@@ -76,8 +77,13 @@ class Network(nn.Module):
             )
 
     def layers(self) -> list[tuple[str, nn.Module]]:
-        """The named blocks in forward order: the rows of the architecture summary."""
-        return [*self.backbone.named_children(), *self.head.named_children()]
+        """The named blocks in forward order: the rows of the architecture summary. A backbone
+        that is not a sequence of blocks (a user's own) is one row, under its class name."""
+        if isinstance(self.backbone, nn.Sequential):
+            blocks = list(self.backbone.named_children())
+        else:
+            blocks = [(type(self.backbone).__name__, self.backbone)]
+        return [*blocks, *self.head.named_children()]
 
     def first_conv(self) -> nn.Conv2d:
         """The layer whose kernels face the image (learned or a classical bank), for plots."""
@@ -114,13 +120,16 @@ class ImageClassifier(nn.Module):
 def build_model(model: ModelConfig, dataset: DatasetConfig) -> Network:
     """The network `model` names, for the dataset's image shape and class count."""
     shape, num_classes = dataset.shape, len(dataset.classes)
-    backbone_entry, head_entry = BACKBONES[model.backbone], HEADS[model.head]
-    defaults = backbone_entry.defaults(model, shape)
+    entry, head_entry = backbone_entry(model.backbone), HEADS[model.head]
+    defaults = entry.defaults(model, shape)
     resolved = replace(model, **{k: v for k, v in defaults.items() if getattr(model, k) is None})
-    name = f"{model.backbone}-{model.head}"
+    name = f"{model.backbone_name}-{model.head}"
 
-    backbone = backbone_entry.build(resolved, shape[0], head_entry.fixed_size)
-    side = min_input_size(backbone, shape[0])
+    backbone = entry.build(resolved, shape[0], head_entry.fixed_size)
+    try:
+        side = min_input_size(backbone, shape[0])
+    except InputTooSmallError as err:  # a user's network that runs on no input at all
+        raise ConfigError(f"model.backbone: {name} cannot run: {err}") from err
     if min(shape[1:]) < side:
         raise ConfigError(
             f"{name} needs images of at least {side}x{side}, dataset '{dataset.name}' has "
@@ -128,7 +137,23 @@ def build_model(model: ModelConfig, dataset: DatasetConfig) -> Network:
             + (" (model.stem=cifar)" if resolved.stem == "imagenet" else "")
         )
     features = output_shape(backbone, shape)
-    head = head_entry.build(resolved, features, num_classes, backbone_entry.fc_name)
+    if not head_entry.fixed_size and len(features) != 3:
+        raise ConfigError(
+            f"model.head={model.head} pools feature maps (C x H x W), but {name}'s backbone "
+            f"gives {_fmt(features)} per image: use model.head=fc, or end your network before "
+            "its own pooling"
+        )
+    head = head_entry.build(resolved, features, num_classes, entry.fc_name)
     hparams = {"name": name, **asdict(resolved), "input_shape": list(shape)}
     hparams["num_classes"] = num_classes
     return Network(name, backbone, head, shape, head_entry.fixed_size, side, hparams)
+
+
+def build_classifier(
+    model: dict[str, Any], dataset: dict[str, Any], mean: Sequence[float], std: Sequence[float]
+) -> ImageClassifier:
+    """The classifier saved hyperparameters describe (a checkpoint's, a logged model's
+    config.json: ModelConfig and DatasetConfig as dicts, the training split's mean and std),
+    with fresh weights: training starts from it, evaluation and serving load weights into it."""
+    dataset_cfg = DatasetConfig(**dataset)
+    return ImageClassifier(build_model(ModelConfig(**model), dataset_cfg), dataset_cfg, mean, std)

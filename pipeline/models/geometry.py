@@ -4,15 +4,19 @@ Seed 001: a layer with a W-pixel window, padding P and stride S maps I pixels to
 floor((I - W + 2P) / S) + 1. `output_shape` applies it (and the shape rules of the other
 layers) without running the network, so a model knows, before it sees data, how many
 features its fc head gets at the training size and the smallest input its GAP or SPP head
-accepts; the summary report prints the same shapes.
+accepts; the summary report prints the same shapes. A layer without a rule (a user's own
+network) is measured instead: run on the meta device, which computes shapes only.
 """
 
 from __future__ import annotations
 
 import math
 from functools import singledispatch
+from itertools import chain
 
+import torch
 from torch import nn
+from torch.func import functional_call
 
 from pipeline.models.layers import (
     ACTIVATIONS,
@@ -30,6 +34,8 @@ SHAPE_PRESERVING: tuple[type[nn.Module], ...] = (
     *ACTIVATIONS.values(),
     nn.Dropout,
     nn.LocalResponseNorm,
+    nn.BatchNorm2d,
+    nn.Identity,
 )
 PADS = (nn.ZeroPad2d, nn.ReplicationPad2d)
 
@@ -67,7 +73,24 @@ def _windowed(module: nn.Module, shape: Shape, channels: int) -> Shape:
 @singledispatch
 def output_shape(module: nn.Module, shape: Shape) -> Shape:
     """The per-image output shape of `module` for a per-image input `shape` (C, H, W)."""
-    raise TypeError(f"no shape rule for {type(module).__name__}")
+    return measured_output_shape(module, shape)
+
+
+def measured_output_shape(module: nn.Module, shape: Shape) -> Shape:
+    """The output shape of a forward pass on the meta device: shapes without memory or
+    arithmetic, on meta copies of the weights (the module itself is left as it is). An input
+    the module cannot take (a window larger than its map...) raises InputTooSmallError."""
+    tensors = chain(module.named_parameters(), module.named_buffers())
+    on_meta = {name: tensor.to("meta") for name, tensor in tensors}
+    # two images: batch norm in training mode refuses a single value per channel
+    images = torch.empty(2, *shape, device="meta")
+    try:
+        with torch.no_grad():
+            out = functional_call(module, on_meta, (images,))
+    except (RuntimeError, ValueError) as err:
+        said = str(err).strip().splitlines()[0]
+        raise InputTooSmallError(f"{type(module).__name__} cannot take {shape}: {said}") from err
+    return tuple(out.shape[1:])
 
 
 @output_shape.register
@@ -135,7 +158,8 @@ def min_input_size(module: nn.Module, channels: int, limit: int = 4096) -> int:
     for size in range(1, limit + 1):
         try:
             output_shape(module, (channels, size, size))
-        except InputTooSmallError:
+        except InputTooSmallError as err:
+            refused = err
             continue
         return size
-    raise InputTooSmallError(f"no input up to {limit}x{limit} fits {module}")
+    raise InputTooSmallError(f"no input up to {limit}x{limit} fits: {refused}")

@@ -1,12 +1,14 @@
 """Architecture report: per layer, output shape, parameters, connections and activation memory.
 
 Shapes come from the output-size formula (`pipeline.models.geometry`), not from running the
-network, so even AlexNet at 224x224 costs no forward pass. Connections are counted as LeCun
+network, so even AlexNet at 224x224 costs no forward pass (a layer without a rule, in a user's
+own network, is measured on the meta device). Connections are counted as LeCun
 et al. 1998 count them: for each output unit, the inputs it sums plus one for its
 bias; convolutions count every position (C1: 28 x 28 x 6 x (25 + 1) = 122,304), shared
 weights or not. Pooling units count their window (LeCun's trainable subsampling adds its
 bias: 5 per unit), SPP and GAP units their bin, the RBF output its 84 inputs. Activations,
-normalisation, dropout, padding and flatten count none.
+normalisation, dropout, padding and flatten count none; a layer without a rule counts as
+unknown (None, printed "?"), and the total then counts the known ones.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class LayerRow:
     output_shape: Shape  # per image
     params: int  # trainable
     frozen: int  # parameters that never train (a classical first-layer bank)
-    connections: int
+    connections: int | None  # None: no rule for one of its layers
     activation_bytes: int  # the output at float32, per image
 
 
@@ -53,19 +55,20 @@ def _bin_lengths(size: int, bins: int) -> int:
 
 
 @singledispatch
-def connections(module: nn.Module, shape: Shape, out: Shape) -> int:
-    """Connections of `module` for a per-image input `shape` and output `out` (see above)."""
-    raise TypeError(f"no connection rule for {type(module).__name__}")
+def connections(module: nn.Module, shape: Shape, out: Shape) -> int | None:
+    """Connections of `module` for a per-image input `shape` and output `out` (see above);
+    None for a layer without a rule."""
+    return None
 
 
 @connections.register
-def _(module: nn.Sequential, shape: Shape, out: Shape) -> int:
-    total = 0
+def _(module: nn.Sequential, shape: Shape, out: Shape) -> int | None:
+    counts = []
     for child in module:
         child_out = output_shape(child, shape)
-        total += connections(child, shape, child_out)
+        counts.append(connections(child, shape, child_out))
         shape = child_out
-    return total
+    return None if None in counts else sum(counts)
 
 
 @connections.register
@@ -121,8 +124,10 @@ for _kind in (*SHAPE_PRESERVING, *PADS, nn.Flatten):
 
 
 def _kind_of(block: nn.Module) -> str:
-    leaves = [m for m in block.modules() if not list(m.children())] or [block]
-    return "+".join(type(m).__name__ for m in leaves)
+    """A sequence of layers by their kinds (Conv2d+ReLU), any other module by its class."""
+    if not isinstance(block, nn.Sequential):
+        return type(block).__name__
+    return "+".join(_kind_of(child) for child in block)
 
 
 def layer_rows(layers: Sequence[tuple[str, nn.Module]], input_shape: Shape) -> list[LayerRow]:
@@ -153,9 +158,8 @@ def format_table(rows: Sequence[LayerRow]) -> str:
     """The rows as an aligned text table, with a totals line."""
     header = ("layer", "type", "output", "params", "frozen", "connections", "act. bytes")
     body = [(r.name, r.kind, _fmt(r.output_shape), *(getattr(r, f) for f in _SUMMED)) for r in rows]
-    total = ("total", "", "", *(sum(getattr(r, f) for r in rows) for f in _SUMMED))
-    cells = [header, *([f"{v:,}" if isinstance(v, int) else v for v in row] for row in body)]
-    cells.append([f"{v:,}" if isinstance(v, int) else v for v in total])
+    total = ("total", "", "", *(_total([getattr(r, f) for r in rows]) for f in _SUMMED))
+    cells = [header, *(list(map(_cell, row)) for row in [*body, total])]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
 
     def line(row: Sequence[str]) -> str:
@@ -165,6 +169,17 @@ def format_table(rows: Sequence[LayerRow]) -> str:
 
     rule = "-" * len(line(header))
     return "\n".join([line(header), rule, *map(line, cells[1:-1]), rule, line(cells[-1])])
+
+
+def _total(values: Sequence[int | None]) -> int | str:
+    known = sum(v for v in values if v is not None)
+    return known if None not in values else f"{known:,} + ?"
+
+
+def _cell(value: int | str | None) -> str:
+    if value is None:
+        return "?"
+    return f"{value:,}" if isinstance(value, int) else value
 
 
 def _fmt(shape: Shape) -> str:

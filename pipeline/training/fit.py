@@ -80,7 +80,7 @@ def train(
     if cfg.trainer.compile:
         # in place (torch.nn.Module.compile): the checkpoint keeps the eager model's keys
         module.model.compile()
-    name = run_name(cfg.model.backbone, cfg.model.head, cfg.dataset.name)
+    name = run_name(cfg.model.backbone_name, cfg.model.head, cfg.dataset.name)
     run_id = continuation.run_id if continuation else None
     logger = run_logger(
         cfg.mlflow.experiment, name, cfg.mlflow.tracking_uri, run_id, run_tags or {}

@@ -33,6 +33,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from pipeline.config import TrainJob
 from pipeline.errors import PipelineError
+from pipeline.models.backbones import backbone_entry
 from pipeline.search.study import StudyTrial
 from pipeline.slurm import first_node_address
 from pipeline.tracking.store import experiment_id, open_store
@@ -52,6 +53,8 @@ def run_training(
     """Train here, or as `trainer.devices` DDP ranks on this node; returns rank 0's metrics
     (on nodes other than node 0: their first rank's). A search's `trial` goes to every rank."""
     trainer = cfg.trainer
+    # a backbone the zoo does not have, or a `_target_` that does not import: here, before all
+    backbone_entry(cfg.model.backbone)
     # missing, mismatched or damaged data fails here, before the store or any rank
     data = open_data(cfg)
     # before any rank: processes started together (DDP ranks, SLURM tasks, DVC stages beside a

@@ -21,14 +21,13 @@ from torchmetrics.classification import MulticlassAccuracy
 from pipeline.config import (
     AugmentConfig,
     DatasetConfig,
-    ModelConfig,
     OptimizerConfig,
     SchedulerConfig,
     TrainJob,
     require,
 )
 from pipeline.data.augment import augment, resize_to_height, training_heights
-from pipeline.models import ImageClassifier, build_model
+from pipeline.models import build_classifier
 from pipeline.training.optim import build_optimizer, build_scheduler
 
 
@@ -56,8 +55,7 @@ class Classifier(L.LightningModule):
         self.augment_cfg = AugmentConfig(**augment)
         self.optimizer_cfg = OptimizerConfig(**optimizer)
         self.scheduler_cfg = SchedulerConfig(**scheduler)
-        network = build_model(ModelConfig(**model), self.dataset_cfg)
-        self.model = ImageClassifier(network, self.dataset_cfg, mean, std)
+        self.model = build_classifier(model, dataset, mean, std)
         self.train_heights = self._train_heights()
         classes = len(self.dataset_cfg.classes)
         # nan_strategy="disable": a diverged epoch's loss stays NaN, for StopOnDivergence
