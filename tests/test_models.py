@@ -224,6 +224,7 @@ def test_gap_and_spp_models_take_any_size_from_their_minimum(backbone, head) -> 
         ("lenet5", CIFAR, 16),  # no pad at 32x32
         ("alexnet", CIFAR, 7),  # cifar stem
         ("alexnet", (3, 224, 224), 31),  # imagenet stem: 31 -> conv1 7 -> pool1 3 -> pool2 1
+        ("nin", CIFAR, 7),  # 7 -> pool1 3 -> pool2 1
     ],
 )
 def test_documented_minimum_input_sizes(backbone, shape, minimum) -> None:
