@@ -3,7 +3,7 @@ allowed, before any data moves."""
 
 from __future__ import annotations
 
-import time
+from datetime import datetime
 
 import pytest
 import yaml
@@ -84,19 +84,22 @@ def test_bad_value_fails_before_any_data_is_loaded(tmp_path):
 
 
 def test_sweeps_and_runs_started_in_the_same_second_get_their_own_dirs():
+    # each dir names the moment its config was composed to the microsecond: two composed one
+    # after the other, in the same second or not, never share one
     def resolve() -> tuple[str, str]:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", return_hydra_config=True)
         return str(cfg.hydra.sweep.dir), str(cfg.hydra.run.dir)
 
-    for _ in range(10):  # until two land in the same second (almost always the first time)
-        first, second = resolve(), resolve()
-        if first[0][:-7] == second[0][:-7]:
-            break
-        time.sleep(0.01)
-    assert first[0][:-7] == second[0][:-7]  # multirun/DATE/HH-MM-SS, then -microseconds
+    before = datetime.now()
+    first = resolve()
+    between = datetime.now()
+    second = resolve()
+    after = datetime.now()
+    for (sweep_dir, run_dir), start, end in [(first, before, between), (second, between, after)]:
+        assert start <= datetime.strptime(sweep_dir, "multirun/%Y-%m-%d/%H-%M-%S-%f") <= end
+        assert start <= datetime.strptime(run_dir, "outputs/%Y-%m-%d/%H-%M-%S-%f") <= end
     assert first[0] != second[0] and first[1] != second[1]
-    assert first[0].startswith("multirun/") and first[1].startswith("outputs/")
 
 
 def test_slurm_launcher_sizes_each_trial_job_from_the_trainer():

@@ -152,9 +152,11 @@ def test_every_backbone_and_head_trains(backbone: str, head: str, tmp_path, data
     assert 0 <= metrics["test/acc"] <= 1 and "test/acc" in client.get_run(run_id).data.metrics
 
 
-def test_lenet5_reaches_98_percent_on_real_digits(tmp_path, data_dir):
+def test_lenet5_learns_real_digits_to_95_percent(tmp_path, data_dir):
+    # experiment=digits got 349-358 of the 360 test images right over seeds 0-11 (mean 98.5%):
+    # 95% (342) is 7 images under the worst seed, so neither the seed nor one image flips it
     metrics, _, _ = run_training(tmp_path, data_dir, "experiment=digits")
-    assert metrics["test/acc"] >= 0.98
+    assert metrics["test/acc"] >= 0.95
 
 
 class ShownProgress(L.Callback):

@@ -247,7 +247,7 @@ class Search:
             client.set_terminated(trial.user_attrs[RUN_ATTR], "KILLED")
 
     def record(self, status: str) -> None:
-        """The study on its parent run: the best trial (Optuna's best_trial), counts, every
+        """The study on its parent run: the best trial (`best_trial`), counts, every
         trial as a table, Optuna's figures; then the run ends with `status`."""
         client = tracking_client(self.config.mlflow.tracking_uri)
         trials = self.study.get_trials(deepcopy=False)
@@ -281,10 +281,14 @@ class Search:
         client.set_terminated(self.parent, status)
 
     def best_trial(self) -> FrozenTrial | None:
+        """The first trial (lowest number) of those with the study's best value. Optuna's own
+        best_trial leaves ties to the storage: an SQL one's query orders by value alone."""
         try:
-            return self.study.best_trial
+            best_value = self.study.best_value
         except ValueError:  # no trial finished
             return None
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return min((t for t in complete if t.value == best_value), key=lambda t: t.number)
 
     def table(self, directory: Path) -> Path:
         path = directory / "trials.csv"
