@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from pipeline.data.store import read_meta
-from tests.conftest import REPO
+from tests.conftest import REPO, train_config
 
 # every test here runs DVC stages, in one repository copy
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc")]
@@ -37,13 +37,15 @@ def ran(output: str) -> set[str]:
 
 
 def keep_runs(repo: Path, epochs: int) -> None:
-    """params.yaml with only DIGITS_RUNS (and every other dataset's), each `epochs` long."""
+    """params.yaml with only DIGITS_RUNS (and every other dataset's), each `epochs` long (the
+    last of Hydra's overrides of a key wins)."""
     params = OmegaConf.load(repo / "params.yaml")
     for name in list(params.runs):
         if name.startswith("digits-") and name not in DIGITS_RUNS:
             del params.runs[name]
     for name in DIGITS_RUNS:
-        params.runs[name].epochs = epochs
+        overrides = f"{params.runs[name].overrides} trainer.max_epochs={epochs}"
+        params.runs[name].overrides = overrides.strip()  # a double space breaks dvc.lock
     OmegaConf.save(params, repo / "params.yaml")
 
 
@@ -109,6 +111,20 @@ def test_offline_profile_end_to_end_then_nothing_to_do(repo_copy: Path):
         assert (repo_copy / "reports" / run / "metrics.json").is_file()
 
 
+def test_each_override_of_a_run_changes_its_recipe():
+    """params.yaml states only what a run changes in its dataset's recipe, and the recipe
+    trains the dataset DVC gives the run."""
+    runs = OmegaConf.load(REPO / "params.yaml").runs
+    for name, run in runs.items():
+        command = [f"experiment={run.dataset}", f"model={run.model}"]
+        overrides = run.overrides.split()
+        config = train_config(*command, *overrides)
+        assert config.dataset.name == run.dataset, name
+        for override in overrides:
+            rest = [other for other in overrides if other != override]
+            assert train_config(*command, *rest) != config, f"{name}: {override} is the recipe's"
+
+
 def commit_all(repo: Path, message: str) -> None:
     """Commit what changed; empty when a test before on the same copy committed it already."""
     sh("git", "add", "-A", cwd=repo)
@@ -140,7 +156,7 @@ def test_pushed_results_pull_into_a_fresh_clone_with_nothing_to_rerun(repo_copy:
 def test_changed_parameter_reruns_only_its_branch_as_a_dvc_experiment(repo_copy: Path):
     sh("dvc", "repro", *OFFLINE, cwd=repo_copy)  # up to date whatever ran before
     commit_all(repo_copy, "lock")
-    change = ("-S", "runs.digits-lenet5.epochs=3", "-n", "longer")
+    change = ("-S", "runs.digits-lenet5.overrides='trainer.max_epochs=3'", "-n", "longer")
     every_run = [f"evaluate@{run}" for run in DIGITS_RUNS]
     experiment = sh("dvc", "exp", "run", *change, *every_run, cwd=repo_copy)
     assert ran(experiment.stdout) == {"train@digits-lenet5", "evaluate@digits-lenet5"}
@@ -149,7 +165,8 @@ def test_changed_parameter_reruns_only_its_branch_as_a_dvc_experiment(repo_copy:
     longer = [e for e in experiments if e["name"] == "longer"]
     assert longer, shown
     data = longer[0]["revs"][0]["data"]
-    assert data["params"]["params.yaml"]["data"]["runs"]["digits-lenet5"]["epochs"] == 3
+    run = data["params"]["params.yaml"]["data"]["runs"]["digits-lenet5"]
+    assert run["overrides"] == "trainer.max_epochs=3"
     assert "test_acc" in data["metrics"]["reports/digits-lenet5/metrics.json"]["data"]
     client = MlflowClient(f"sqlite:///{repo_copy / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("digits").experiment_id
