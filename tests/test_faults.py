@@ -436,7 +436,7 @@ FAULTS = [
     Fault("server", "team database unreachable", ("backend_store_uri=postgresql://mlflow:pw@127.0.0.1:9/mlflow", "data_dir={work}/server"), ("postgresql://mlflow:***@127.0.0.1:9/mlflow cannot be reached", "Connection refused", "start that database"), hides=("mlflow:pw@",)),
     Fault("server", "data_dir is a file", ("data_dir={work}/afile",), ("data_dir={work}/afile is a file", "pass data_dir="), file_in_the_way),
     Fault("dvc", "params.yaml: a run's model misspelt", ("repro", f"train@{DVC_RUN}"), ("'model/lenet6'",), dvc_run_with("model", "lenet6")),
-    Fault("dvc", "params.yaml: a run of 0 epochs", ("repro", f"train@{DVC_RUN}"), ("'trainer.max_epochs' = 0", "an integer >= 1"), dvc_run_with("epochs", 0)),
+    Fault("dvc", "params.yaml: a run of 0 epochs", ("repro", f"train@{DVC_RUN}"), ("'trainer.max_epochs' = 0", "an integer >= 1"), dvc_run_with("overrides", "trainer.max_epochs=0")),
     Fault("dvc", "params.yaml: an override out of range", ("repro", f"train@{DVC_RUN}"), ("'optimizer.lr' = 20.0", "0 < lr <= 10"), dvc_run_with("overrides", "optimizer.lr=20")),
     Fault("train", "sweep: tracking server down", ("-m", *TRAIN, SWEEP_INTO, "mlflow.tracking_uri=http://127.0.0.1:9", "model.head=fc,gap"), ("http://127.0.0.1:9", "make server")),
     Fault("train", "search: tracking server down", ("-m", *TRAIN, SWEEP_INTO, "mlflow.tracking_uri=http://127.0.0.1:9", "hydra/sweeper=optuna", "model.head=fc,gap"), ("http://127.0.0.1:9", "make server")),
