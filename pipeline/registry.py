@@ -1,6 +1,8 @@
 """Name -> builder registries, filled by a decorator next to each builder (as torchvision's
-`register_model`). The names a config may use are declared as data in `pipeline.config`, so a
-config is checked without importing the builders (torch); a registry refuses any other name."""
+`register_model`). Where the builders import torch, the names a config may use are declared as
+data in `pipeline.config`, so a config is checked without importing them; such a registry
+refuses any other name. A registry in a module light enough for config validation to import
+(the data sources) declares nothing: its registered names are the allowed ones."""
 
 from __future__ import annotations
 
@@ -11,15 +13,16 @@ T = TypeVar("T")
 
 
 class Registry(dict[str, T]):
-    """Builders by name; `what` says what they build, `names` are the declared ones."""
+    """Builders by name; `what` says what they build, `names` are the declared ones (None: any
+    name may be registered)."""
 
-    def __init__(self, what: str, names: Iterable[str]) -> None:
+    def __init__(self, what: str, names: Iterable[str] | None = None) -> None:
         super().__init__()
         self.what = what
-        self.names = tuple(names)
+        self.names = None if names is None else tuple(names)
 
     def add(self, name: str, entry: T) -> None:
-        if name not in self.names:
+        if self.names is not None and name not in self.names:
             raise ValueError(
                 f"{self.what} '{name}' is not declared in pipeline.config: add it to the names "
                 f"there ({', '.join(self.names)})"

@@ -14,7 +14,6 @@ from pipeline.cli import CONF_DIR, compose_config
 from pipeline.config import (
     BACKBONE_NAMES,
     HEAD_NAMES,
-    SOURCE_NAMES,
     DatasetConfig,
     EvaluateJob,
     ModelConfig,
@@ -112,14 +111,9 @@ def test_slurm_launcher_sizes_each_trial_job_from_the_trainer():
 
 
 def test_declared_names_are_exactly_the_registered_builders():
-    from pipeline.data.sources import SOURCES
     from pipeline.models import BACKBONES, HEADS
 
-    for registry, names in [
-        (BACKBONES, BACKBONE_NAMES),
-        (HEADS, HEAD_NAMES),
-        (SOURCES, SOURCE_NAMES),
-    ]:
+    for registry, names in [(BACKBONES, BACKBONE_NAMES), (HEADS, HEAD_NAMES)]:
         assert sorted(registry) == sorted(names)
     with pytest.raises(ValueError, match=r"not declared in pipeline\.config"):
         HEADS.add("mlp", HEADS["fc"])
