@@ -5,7 +5,7 @@ directory they are) as uint8 arrays, registered under the name `dataset.source` 
 fetch stage gets the files themselves, from the mirrors or an installed package the config
 names. This module imports only the standard library (readers import numpy when they run), so
 config validation imports it to check `dataset.source` against the registered names: a new
-format is one reader here, a new dataset in a known format one YAML and one name on its reader.
+format is one reader here, a new dataset in a known format one YAML naming its reader.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(content, dtype=np.uint8, offset=start).reshape(shape)
 
 
-@SOURCES.register("FashionMNIST")
+@SOURCES.register("FashionMNIST")  # the source that fashion_mnist's meta.json records
 @SOURCES.register("MNIST")
 def read_mnist(cfg: DatasetConfig, files: RawFiles) -> RawData:
     """MNIST-format datasets: four gzipped IDX files, images N x H x W and labels N."""
