@@ -7,8 +7,9 @@ Each dataclass holds its keys' defaults, written once: `conf/*.yaml` extend the 
 hold only what differs. Hydra type-checks while it composes; `validate` then builds the
 dataclasses, whose `__post_init__` checks ranges and names, so a typo or a bad value stops the
 run before any data moves, with a message that names the key and what is allowed. Names that
-select a builder (backbone, head, data source) are declared here as data, the one list the
-builders' registries accept: this module imports no torch, so a bad config fails in a moment.
+select a builder (backbone, head) are declared here as data, the one list the builders'
+registries accept: this module imports no torch, so a bad config fails in a moment. Data sources
+are the readers registered in `pipeline.data.sources`, a module of the standard library alone.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.data.sources import SOURCES
 from pipeline.errors import ConfigError
 
 T = TypeVar("T")
@@ -64,20 +66,19 @@ def validate(cfg: DictConfig, schema: type[T]) -> T:
 
 # --- data ----------------------------------------------------------------------------------
 
-# raw-data sources (pipeline.data.sources): torchvision dataset classes, and the offline digits
-SOURCE_NAMES = ("MNIST", "FashionMNIST", "CIFAR10", "sklearn_digits")
-
 
 @dataclass
 class DatasetConfig:
     """`dataset` group: what the images are and where their raw files come from."""
 
     name: str = MISSING
-    # a registered raw-data source (pipeline.data.sources)
+    # the reader of its raw files, registered in pipeline.data.sources
     source: str = MISSING
-    # base URLs tried in order
+    # base URLs tried in order, each serving every downloaded file under its name
     mirrors: list[str] = field(default_factory=list)
-    # file name -> md5 of every file the source downloads or extracts
+    # an installed distribution that bundles the files: they are copied from it, not downloaded
+    package: str | None = None
+    # file name -> md5 of every file fetched, or extracted from a fetched archive
     checksums: dict[str, str] = field(default_factory=dict)
     channels: int = MISSING
     height: int = MISSING
@@ -89,7 +90,7 @@ class DatasetConfig:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
-        one_of(self.source, "dataset.source", SOURCE_NAMES)
+        one_of(self.source, "dataset.source", SOURCES)
         one_of(self.channels, "dataset.channels", (1, 3))
         for key in ("height", "width"):
             value = getattr(self, key)
@@ -105,6 +106,12 @@ class DatasetConfig:
                 mirror,
                 "base URLs that start with http(s):// and end with '/'",
             )
+        require(
+            self.package is None or not self.mirrors,
+            "dataset.mirrors",
+            self.mirrors,
+            f"none: dataset.package ({self.package}) bundles the files",
+        )
         for name, md5 in self.checksums.items():
             require(
                 len(md5) == 32 and all(c in "0123456789abcdef" for c in md5),

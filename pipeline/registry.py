@@ -1,7 +1,9 @@
 """Name -> builder registries, filled by a decorator next to each builder (as torchvision's
-`register_model`). Where the names a config may use are declared as data in `pipeline.config`
-(heads: a config is checked without importing the builders, torch), the registry refuses any
-other name; an open registry (backbones) takes any new name."""
+`register_model`). Where the builders import torch, the names a config may use are declared as
+data in `pipeline.config` (heads), so a config is checked without importing them; such a
+registry refuses any other name. An open registry declares nothing: the data sources (light
+enough for config validation to import) and the backbones (the zoo registers itself, checked
+when a model is built) allow the names registered."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ T = TypeVar("T")
 
 
 class Registry(dict[str, T]):
-    """Builders by name; `what` says what they build, `names` are the declared ones (None: open)."""
+    """Builders by name; `what` says what they build, `names` are the declared ones (None: any
+    name may be registered)."""
 
     def __init__(self, what: str, names: Iterable[str] | None = None) -> None:
         super().__init__()

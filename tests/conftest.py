@@ -66,8 +66,11 @@ def mirror(tmp_path: Path) -> Iterator[Mirror]:
     served.server.server_close()
 
 
-def run_module(module: str, *overrides: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run `python -m module overrides...` as a user would, with the venv's tools on PATH."""
+def run_module(
+    module: str, *overrides: str, cwd: Path = REPO, timeout_s: float = 300
+) -> subprocess.CompletedProcess:
+    """Run `python -m module overrides...` as a user would, with the venv's tools on PATH;
+    a run past `timeout_s` (a hang) fails the test."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(
         [sys.executable, "-m", module, *overrides],
@@ -75,7 +78,7 @@ def run_module(module: str, *overrides: str, cwd: Path = REPO) -> subprocess.Com
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout_s,
     )
 
 

@@ -16,6 +16,11 @@ def md5(content: bytes) -> str:
     return hashlib.md5(content).hexdigest()
 
 
+def checksums_override(files: dict[str, bytes]) -> str:
+    """The `dataset.checksums={...}` override that pins `files` by their md5s."""
+    return "dataset.checksums={" + ",".join(f"{n}:{md5(c)}" for n, c in files.items()) + "}"
+
+
 def idx_gz(array: np.ndarray) -> bytes:
     """MNIST's IDX format (big-endian header: 0, 0, type 0x08 = ubyte, ndim; then dims), gzipped."""
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)

@@ -1,7 +1,6 @@
 """What each entry point imports before its work: the data stages and the summary never load
 Lightning or MLflow, evaluate never loads Lightning, the results table (report) not even torch,
-the offline digits are fetched and preprocessed without torch, and a bad config fails before
-torch.
+every dataset is fetched and preprocessed without torch, and a bad config fails before torch.
 (How long they take: `python -m benchmarks.startup`, never a test.)"""
 
 from __future__ import annotations
@@ -11,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, Mirror
+from tests.formats import checksums_override, cifar_batches, mnist_files, tar_gz
 
 HEAVY = ("torch", "lightning", "torchmetrics", "torchvision", "mlflow", "sklearn")
 
@@ -45,13 +46,38 @@ def imported_by(command: list[str], cwd: Path, status: int = 0) -> tuple[list[st
     return re.findall(r"^import time:.*\|\s*(\S+)$", result.stderr, flags=re.MULTILINE), output
 
 
-def test_digits_data_stages_run_without_torch(tmp_path):
+def served(dataset: str, mirror: Mirror) -> list[str]:
+    """Overrides that fetch `dataset` from `mirror`, now serving a few random images in the
+    upstream format (digits come from the installed scikit-learn)."""
+    if dataset == "digits":
+        return []
+    rng = np.random.default_rng(0)
+    shape = (28, 28) if dataset == "mnist" else (3, 32, 32)
+
+    def split(count: int) -> tuple[np.ndarray, np.ndarray]:
+        images = rng.integers(0, 256, (count, *shape), dtype=np.uint8)
+        return images, rng.integers(0, 10, count, dtype=np.uint8)
+
+    if dataset == "mnist":
+        downloads, unpacked = mnist_files(split(12), split(4)), {}
+    else:
+        unpacked = cifar_batches(split(12), split(4), [str(i) for i in range(10)])
+        downloads = {"cifar-10-python.tar.gz": tar_gz(unpacked, "cifar-10-batches-py")}
+    for name, content in downloads.items():
+        mirror.put(name, content)
+    pinned = checksums_override({**downloads, **unpacked})
+    return [f"dataset.mirrors=[{mirror.url}]", pinned, "dataset.val_size=2"]
+
+
+@pytest.mark.parametrize("dataset", ["digits", "mnist", "cifar10"])
+def test_data_stages_run_without_torch(dataset: str, mirror: Mirror, tmp_path):
+    overrides = [f"dataset={dataset}", f"paths.data_dir={tmp_path}", *served(dataset, mirror)]
     for stage in ("fetch", "preprocess"):
         command = [sys.executable, "-X", "importtime", "-m", f"pipeline.data.{stage}"]
-        imported, _ = imported_by([*command, "dataset=digits", f"paths.data_dir={tmp_path}"], REPO)
+        imported, _ = imported_by([*command, *overrides], REPO)
         assert "pipeline.data.store" in imported
         assert not {name.split(".")[0] for name in imported} & set(HEAVY)
-    assert (tmp_path / "processed" / "digits" / "train.npz").is_file()
+    assert (tmp_path / "processed" / dataset / "train.npz").is_file()
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ official test split (or, for sources without one, a third seed-determined part).
 class, content checksums, the train split's per-channel mean and std), written into a staging
 directory that replaces the old output only when complete. The raw files are checked against
 the config's md5s first, as the fetch stage checked them: one damaged since is named, rather
-than failing deep inside a decoder. All of it is numpy: torch is imported only by the sources
-that read their files with torchvision.
+than failing deep inside a decoder. All of it is numpy (and the standard library's readers of
+the upstream formats): no torch.
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ from omegaconf import DictConfig
 
 from pipeline.cli import hydra_entry
 from pipeline.config import DatasetConfig, PrepareJob, require, validate
-from pipeline.data.sources import SOURCES, RawData, checksum_mismatches, describe_mismatch
+from pipeline.data.sources import (
+    SOURCES,
+    RawData,
+    RawFiles,
+    checksum_mismatches,
+    describe_mismatch,
+    files_by_name,
+)
 from pipeline.data.store import Split, atomic_directory, data_command, save_split, write_meta
 from pipeline.errors import PipelineError
 
@@ -119,7 +126,9 @@ def preprocess(cfg: PrepareJob) -> Path:
             f"the raw files of '{dataset.name}' in {raw_dir} are not those fetched ({found}): "
             f"run {data_command('fetch', raw_dir)} (or `dvc repro`) again"
         )
-    raw = SOURCES[dataset.source].load(dataset, raw_dir)
+    on_disk = files_by_name(raw_dir)
+    files = RawFiles((name, on_disk[name]) for name in dataset.checksums)
+    raw = SOURCES[dataset.source](dataset, files)
     shape = tuple(raw.train_images.shape[1:])
     if shape != dataset.shape:
         raise PipelineError(
