@@ -169,11 +169,6 @@ class TrainingRun:
             ) from None
         return cls(client, run_id)
 
-    @property
-    def tracking_uri(self) -> str:
-        """The store's URI, without credentials (`tracking_client` resolved them)."""
-        return self.client.tracking_uri
-
     def record_training(
         self,
         config: Mapping[str, Any],
