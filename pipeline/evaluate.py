@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from pipeline.cli import hydra_entry
 from pipeline.config import EvaluateJob, validate
 from pipeline.data.store import load_split
+from pipeline.errors import PipelineError
 from pipeline.evaluation.evaluate import (
     check_out_dir,
     check_run_dir,
@@ -26,8 +27,7 @@ from pipeline.evaluation.evaluate import (
     load_checkpoint,
 )
 from pipeline.evaluation.logged_model import register
-from pipeline.tracking.preflight import check_store
-from pipeline.tracking.store import RUN_FILE, read_run, tracking_client
+from pipeline.tracking.runs import TrainingRun
 
 
 @hydra_entry("evaluate")
@@ -37,14 +37,14 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(config.out_dir) if config.out_dir else run_dir / "eval"
     check_run_dir(run_dir, config.checkpoint)
     check_out_dir(out_dir)
-    if (run_dir / RUN_FILE).is_file():
-        check_store(read_run(run_dir)["tracking_uri"], config.timeout_s)
+    run = TrainingRun.recorded_in(run_dir, config.timeout_s)
     module = load_checkpoint(run_dir / config.checkpoint)
     test = load_split(config.paths.processed_dir(module.dataset_cfg.name), "test")
-    evaluate_run(module, test, config.evaluation, out_dir, run_dir)
+    evaluate_run(module, test, config.evaluation, out_dir, run)
     if config.register:
-        run = read_run(run_dir)
-        register(tracking_client(run["tracking_uri"]), run["run_id"], config.register)
+        if run is None:
+            raise PipelineError(f"register={config.register}: {run_dir} recorded no MLflow run")
+        register(run.client, run.id, config.register)
 
 
 if __name__ == "__main__":

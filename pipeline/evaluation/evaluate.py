@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from pipeline.checkpoints import read_checkpoint
 from pipeline.config import EvaluationConfig
@@ -36,7 +34,8 @@ from pipeline.evaluation.figures import (
     resolution_figure,
 )
 from pipeline.models import ImageClassifier, build_classifier
-from pipeline.tracking.store import RUN_FILE, read_run, tracking_client
+from pipeline.tracking.runs import TrainingRun
+from pipeline.tracking.store import RUN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -156,24 +155,13 @@ def write_reports(
     return files
 
 
-def log_to_run(run_dir: Path, files: list[Path], evaluation: Evaluation) -> None:
+def log_to_run(run: TrainingRun, files: list[Path], evaluation: Evaluation) -> None:
     """Attach the reports and resolution metrics to the training's MLflow run."""
-    run = read_run(run_dir)
-    client, run_id = tracking_client(run["tracking_uri"]), run["run_id"]
-    try:
-        for path in files:
-            client.log_artifact(run_id, str(path), "evaluation")
-        for row in evaluation.resolution:
-            client.log_metric(run_id, "test/acc_at_size", row["accuracy"], step=int(row["size"]))
-        client.log_metric(run_id, "test/min_input_size", evaluation.min_input_size)
-    except MlflowException as err:
-        if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            raise
-        raise PipelineError(
-            f"{run_dir / RUN_FILE} names MLflow run {run_id}, which the store at "
-            f"{run['tracking_uri']} does not hold (deleted with its store?): train again "
-            "(with DVC: `dvc repro --force train@NAME`)"
-        ) from None
+    for path in files:
+        run.log_artifact(path, "evaluation")
+    for row in evaluation.resolution:
+        run.log_metric("test/acc_at_size", row["accuracy"], step=int(row["size"]))
+    run.log_metric("test/min_input_size", evaluation.min_input_size)
 
 
 def check_run_dir(run_dir: Path, checkpoint: str) -> None:
@@ -230,15 +218,19 @@ def load_checkpoint(path: Path) -> ImageClassifier:
 
 
 def evaluate_run(
-    module: ImageClassifier, test: Split, cfg: EvaluationConfig, out_dir: Path, run_dir: Path
+    module: ImageClassifier,
+    test: Split,
+    cfg: EvaluationConfig,
+    out_dir: Path,
+    run: TrainingRun | None,
 ) -> Evaluation:
-    """Evaluate `module` on `test`, write the reports to `out_dir` and log them to the MLflow
-    run of the training in `run_dir` (when it has one)."""
+    """Evaluate `module` on `test`, write the reports to `out_dir` and log them to the
+    training's MLflow `run` (when it has one)."""
     evaluation = evaluate(module, test, cfg.scales, cfg.batch_size)
     with staged_files(out_dir) as staging:
         files = write_reports(evaluation, module, test, staging)
-        if (run_dir / RUN_FILE).is_file():
-            log_to_run(run_dir, files, evaluation)
+        if run is not None:
+            log_to_run(run, files, evaluation)
     sizes = ", ".join(f"{r['size']}px {r['accuracy']:.4f}" for r in evaluation.resolution)
     log.info(
         "test accuracy %.4f; by input size (%s takes %d px up): %s",

@@ -37,7 +37,6 @@ from mlflow.types.schema import Array, ColSpec
 
 import pipeline
 from pipeline.errors import PipelineError
-from pipeline.tracking.store import use_tracking_uri
 
 if TYPE_CHECKING:
     from pipeline.training.module import Classifier
@@ -79,15 +78,10 @@ def code_paths(model: dict) -> list[str]:
     return paths
 
 
-def log_model(
-    module: Classifier,
-    run_id: str,
-    tracking_uri: str,
-    example: torch.Tensor,
-    step: int,
-    checkpoint: str,
-) -> str:
-    """Log `module` (its best weights) as run `run_id`'s MLflow model; returns the model's id.
+def log_model(module: Classifier, example: torch.Tensor, step: int, checkpoint: str) -> str:
+    """Log `module` (its best weights) as the model of MLflow's active run, the training's
+    (pipeline.tracking.runs.TrainingRun keeps it active: MLflow logs a model into no other);
+    returns the model's id.
 
     The run's metrics logged at `step` (the test's) become the model's too; `example`: a few
     test images, the input example."""
@@ -97,23 +91,21 @@ def log_model(
         artifacts = {"config": Path(tmp, "config.json"), "weights": Path(tmp, "weights.pt")}
         artifacts["config"].write_text(json.dumps(config, indent=2) + "\n")
         torch.save(module.model.network.state_dict(), artifacts["weights"])
-        use_tracking_uri(tracking_uri)
-        with mlflow.start_run(run_id):
-            info = mlflow.pyfunc.log_model(
-                name=f"{module.model.network.name}-{module.dataset_cfg.name}",
-                python_model=Path(pipeline.__file__).parent / "evaluation" / "served_model.py",
-                artifacts={key: str(path) for key, path in artifacts.items()},
-                code_paths=code_paths(config["model"]),
-                signature=signature(module),
-                input_example=example.cpu().numpy(),
-                # mlflow by its module's version: mlflow-skinny installs the same module
-                pip_requirements=[
-                    f"mlflow=={mlflow.__version__}",
-                    *(f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS),
-                ],
-                tags={"checkpoint": checkpoint, "network": module.model.network.name},
-                step=step,
-            )
+        info = mlflow.pyfunc.log_model(
+            name=f"{module.model.network.name}-{module.dataset_cfg.name}",
+            python_model=Path(pipeline.__file__).parent / "evaluation" / "served_model.py",
+            artifacts={key: str(path) for key, path in artifacts.items()},
+            code_paths=code_paths(config["model"]),
+            signature=signature(module),
+            input_example=example.cpu().numpy(),
+            # mlflow by its module's version: mlflow-skinny installs the same module
+            pip_requirements=[
+                f"mlflow=={mlflow.__version__}",
+                *(f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS),
+            ],
+            tags={"checkpoint": checkpoint, "network": module.model.network.name},
+            step=step,
+        )
     return info.model_id
 
 
@@ -141,7 +133,7 @@ def register(client: MlflowClient, run_id: str, name: str) -> tuple[ModelVersion
     model_id = run_model_id(client, run_id)
     # MLflow looks a version's source (models:/MODEL_ID) up through the process's tracking URI,
     # not the client's (a TODO in its SqlAlchemyStore.create_model_version)
-    use_tracking_uri(client.tracking_uri)
+    mlflow.set_tracking_uri(client.tracking_uri)
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name, description="best test accuracy: @champion")
     found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")

@@ -1,46 +1,39 @@
-"""MLflow: the run of a training, its params, tags and artifacts, all from rank 0.
+"""MLflow: the run of a training, owned from start to end by one `TrainingRun` on rank 0.
 
-Lightning's MLFlowLogger owns the run (it creates it lazily, on rank 0 only) and writes each
-metric as it is logged (every `log_every_n_steps` steps and once an epoch), so a checkpoint never
-holds state the store lacks. `RunRecorder` adds what a person looks for in the UI (the resolved
-config as params and as YAML, the git commit and the data checksum as tags, the data splits as
-dataset inputs, the architecture summary), and leaves `run.json` in the output directory, so
-that `evaluate` and a resumed training find the same run. `SystemMetrics` samples the machine
-while the training fits.
+It creates (or resumes) the run, records the training in it (the resolved config as params,
+the git commit and data checksum as tags, the data splits as dataset inputs, the config and
+architecture summary as artifacts), is the run Lightning's logger writes each metric into as it
+is logged (so a checkpoint never holds state the store lacks), logs the best checkpoint, the
+model and the evaluation, and alone ends it. Lightning-free: `evaluate` reopens a finished
+training's run through it without importing Lightning.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import mlflow
 import numpy as np
 import yaml
-from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.data.schema import TensorDatasetSchema
-from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 
 from pipeline.config import mask_password
 from pipeline.data.store import SPLITS, split_path
-from pipeline.tracking.store import (
-    RUN_FILE,
-    artifact_location,
-    credentials_to_environment,
-    use_tracking_uri,
-)
+from pipeline.errors import PipelineError
+from pipeline.tracking.preflight import check_store
+from pipeline.tracking.store import RUN_FILE, experiment_id, read_run, tracking_client
 
 # model training, as opposed to GenAI: the UI shows such an experiment's runs, models, datasets
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -96,138 +89,145 @@ def dataset_inputs(meta: Mapping[str, Any], directory: Path) -> list[DatasetInpu
     return inputs
 
 
-def ended_status(status: str) -> str:
-    """MLflow's status for a run that ends while handling the current exception, if any: KILLED
-    when its user pressed Ctrl-C (Lightning says "failed" for every interruption)."""
-    return "KILLED" if isinstance(sys.exception(), KeyboardInterrupt) else status
+class TrainingRun:
+    """The MLflow run of one training, and its one writer, from start to end.
 
+    Rank 0's process creates the run (or resumes it: the same run id), records the training
+    in it, keeps it MLflow's active run while it lasts (MLflow samples the machine into its
+    system/* metrics meanwhile, and `mlflow.pyfunc.log_model` logs into it), gives Lightning's
+    logger its id to write metrics into, logs artifacts and metrics, and alone sets its status:
+    as a context manager it ends the run FINISHED, FAILED on an exception, KILLED on Ctrl-C,
+    unless the training ended it already (`end`). It writes `run.json` in the output directory,
+    where `evaluate` and a resumed training find the run again (`recorded_in`).
+    """
 
-class RunLogger(MLFlowLogger):
-    """Lightning's MLflow logger, which ends a run stopped by Ctrl-C as KILLED."""
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client, self.id = client, run_id
+        self.ended = False
 
-    def finalize(self, status: str = "success") -> None:
-        super().finalize(ended_status(status))
+    @classmethod
+    def start(
+        cls,
+        tracking_uri: str,
+        experiment: str,
+        name: str,
+        tags: Mapping[str, str],
+        output_dir: Path,
+    ) -> TrainingRun:
+        """A new run of `experiment` named `name` with `tags` (and MLflow's own: user, source,
+        git), MLflow's active run from here on, sampling system metrics."""
+        client = fluent_store(tracking_uri)
+        active = mlflow.start_run(
+            experiment_id=experiment_id(client, experiment),
+            run_name=name,
+            tags=dict(tags),
+            log_system_metrics=True,
+        )
+        run = cls(client, active.info.run_id)
+        run.point_at(output_dir, tracking_uri)
+        return run
 
+    @classmethod
+    def resume(
+        cls, tracking_uri: str, run_id: str, tags: Mapping[str, str], output_dir: Path
+    ) -> TrainingRun:
+        """Run `run_id` running again (an interrupted start may have ended it FAILED or
+        KILLED), with `tags` added (what the resume changed on purpose); MLflow's active run
+        from here on, sampling system metrics."""
+        client = fluent_store(tracking_uri)
+        mlflow.start_run(run_id, log_system_metrics=True)
+        run = cls(client, run_id)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        run.point_at(output_dir, tracking_uri)
+        return run
 
-def run_logger(
-    experiment: str, name: str, tracking_uri: str, run_id: str | None, tags: Mapping[str, str]
-) -> MLFlowLogger:
-    """The training's logger: a new run named `name` with `tags`, or run `run_id` resumed."""
-    return RunLogger(
-        experiment_name=experiment,
-        run_name=name,
-        tracking_uri=credentials_to_environment(tracking_uri),
-        artifact_location=artifact_location(tracking_uri, experiment),
-        run_id=run_id,
-        tags=dict(tags),
-    )
+    def point_at(self, output_dir: Path, tracking_uri: str) -> None:
+        """Leave `run.json` in the training's output directory (the store's URI masked)."""
+        record = {"run_id": self.id, "tracking_uri": mask_password(tracking_uri)}
+        (output_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
+    @classmethod
+    def recorded_in(cls, output_dir: Path, timeout_s: float) -> TrainingRun | None:
+        """The run of the finished training in `output_dir` (None if it recorded none), for
+        `evaluate` to add its reports to: its store answered within `timeout_s` and holds it.
+        The training ended it; this adds to it and never ends it."""
+        if not (output_dir / RUN_FILE).is_file():
+            return None
+        recorded = read_run(output_dir)
+        check_store(recorded["tracking_uri"], timeout_s)
+        client, run_id = tracking_client(recorded["tracking_uri"]), recorded["run_id"]
+        try:
+            client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
+            raise PipelineError(
+                f"{output_dir / RUN_FILE} names MLflow run {run_id}, which the store at "
+                f"{mask_password(recorded['tracking_uri'])} does not hold (deleted with its "
+                "store?): train again (with DVC: `dvc repro --force train@NAME`)"
+            ) from None
+        return cls(client, run_id)
 
-class RunRecorder:
-    """Logs params, tags and config/summary artifacts once, on rank 0 before fitting: before
-    DDP's ranks meet, so that a training whose ranks never meet still has its run, FAILED."""
-
-    def __init__(
+    def record_training(
         self,
         config: Mapping[str, Any],
         summary: str,
         tags: Mapping[str, str],
         datasets: list[DatasetInput],
-        output_dir: Path,
-        resumed: Mapping[str, str] | None,
     ) -> None:
-        """`config`: the training's resolved config as plain values; `resumed`: None for a new
-        run, else the tags the resume adds to its run (what it changed on purpose)."""
+        """What a person looks for in the UI: the resolved config as params and as YAML (store
+        password masked), the git commit and the data checksum as tags, the data splits as
+        dataset inputs, the architecture summary. Once, in a new run: a resumed run has them."""
         uri = mask_password(config["mlflow"]["tracking_uri"])
-        self.config = {**config, "mlflow": {**config["mlflow"], "tracking_uri": uri}}
-        self.summary = summary
-        self.tags, self.datasets = tags, datasets
-        self.output_dir, self.resumed = output_dir, resumed
+        config = {**config, "mlflow": {**config["mlflow"], "tracking_uri": uri}}
+        self.client.log_batch(self.id, params=[Param(k, v) for k, v in flatten(config)])
+        for key, value in tags.items():
+            self.client.set_tag(self.id, key, value)
+        self.client.log_text(self.id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
+        self.client.log_text(self.id, summary, "summary.txt")
+        self.client.log_inputs(self.id, datasets)
+        experiment = self.client.get_run(self.id).info.experiment_id
+        self.client.set_experiment_tag(experiment, *EXPERIMENT_KIND)
 
-    def start(self, logger: MLFlowLogger) -> None:
-        """Create (or reopen) the run and record the training in it."""
-        client, run_id = logger.experiment, logger.run_id
-        run = {"run_id": run_id, "tracking_uri": self.config["mlflow"]["tracking_uri"]}
-        (self.output_dir / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
-        if self.resumed is not None:
-            # running again: an interrupted start may have ended it (Lightning ends a run as
-            # FAILED when SLURM stops the job with SIGTERM); its params are already there
-            client.update_run(run_id, status="RUNNING")
-            for key, value in self.resumed.items():
-                client.set_tag(run_id, key, value)
+    def log_metric(self, key: str, value: float, step: int = 0) -> None:
+        self.client.log_metric(self.id, key, value, step=step)
+
+    def log_artifact(self, path: Path, directory: str) -> None:
+        self.client.log_artifact(self.id, str(path), directory)
+
+    def end(self, status: str) -> None:
+        """End the run with `status` (FINISHED, FAILED, KILLED), its system metrics with it;
+        the first status set is the one it keeps."""
+        if self.ended:
             return
-        logger.log_hyperparams(dict(flatten(self.config)))
-        for key, value in self.tags.items():
-            client.set_tag(run_id, key, value)
-        client.log_text(run_id, yaml.safe_dump(self.config, sort_keys=False), "config.yaml")
-        client.log_text(run_id, self.summary, "summary.txt")
-        client.log_inputs(run_id, self.datasets)
-        client.set_experiment_tag(logger.experiment_id, *EXPERIMENT_KIND)
-
-
-class SystemMetrics(L.Callback):
-    """The machine's CPU, memory, disk, network and NVIDIA GPU use while fitting, as the run's
-    system/* metrics: MLflow's own monitor, a thread on rank 0 that takes a sample every
-    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (MLflow's default, 10, keeps its cost near
-    0.1% of a core: a sample and its write take about 10 ms of CPU). It runs while the run is
-    MLflow's active run, from fit start to fit end."""
-
-    def __init__(self, tracking_uri: str) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_id: str | None = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        assert isinstance(trainer.logger, MLFlowLogger)
-        self.run_id = trainer.logger.run_id
-        use_tracking_uri(self.tracking_uri)
-        mlflow.start_run(self.run_id, log_system_metrics=True)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stop("FINISHED")
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        self.stop(ended_status("FAILED"))
-
-    def stop(self, status: str) -> None:
+        self.ended = True
         active = mlflow.active_run()
-        if active is not None and active.info.run_id == self.run_id:
+        if active is not None and active.info.run_id == self.id:
             mlflow.end_run(status)
+        else:
+            self.client.set_terminated(self.id, status)
+
+    def __enter__(self) -> TrainingRun:
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: Any) -> None:
+        self.end(ended_status(error))
 
 
-class EpochHistory(L.Callback):
-    """Writes history.csv (epoch, losses, accuracies, learning rate, seconds so far), one row
-    per epoch on rank 0: the training curves `dvc plots show` draws."""
+def fluent_store(tracking_uri: str) -> MlflowClient:
+    """A client of the store, which MLflow's fluent API (the active run, its system metrics,
+    `log_model`) uses too."""
+    client = tracking_client(tracking_uri)
+    mlflow.set_tracking_uri(client.tracking_uri)
+    return client
 
-    columns = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "elapsed_s")
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.start = time.monotonic()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.sanity_checking:
-            return
-        metrics = trainer.callback_metrics
-
-        def value(name: str) -> float:
-            return float(metrics[name]) if name in metrics else math.nan
-
-        row = {
-            "epoch": trainer.current_epoch,
-            "train_loss": value("train/loss_epoch"),
-            "train_acc": value("train/acc"),
-            "val_loss": value("val/loss"),
-            "val_acc": value("val/acc"),
-            "lr": trainer.optimizers[0].param_groups[0]["lr"],
-            "elapsed_s": round(time.monotonic() - self.start, 2),
-        }
-        fresh = not self.path.exists() or trainer.current_epoch == 0
-        with self.path.open("w" if fresh else "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns)
-            if fresh:
-                writer.writeheader()
-            writer.writerow(row)
+def ended_status(error: BaseException | None) -> str:
+    """FINISHED, or FAILED for an `error`; KILLED when its user pressed Ctrl-C: a
+    KeyboardInterrupt, or the SystemExit(1) Lightning raises after shutting down for one."""
+    if error is None:
+        return "FINISHED"
+    if isinstance(error, KeyboardInterrupt) or isinstance(error.__context__, KeyboardInterrupt):
+        return "KILLED"
+    return "FAILED"

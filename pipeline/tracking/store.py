@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import mlflow
 from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -36,24 +35,27 @@ def read_run(output_dir: Path) -> dict[str, str]:
 
 
 def tracking_client(tracking_uri: str) -> MlflowClient:
-    """A client of the store at `tracking_uri`. A user and password in the URI become MLflow's
-    own MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (here and in child processes),
-    so no URL that MLflow prints or stores carries them."""
-    return MlflowClient(credentials_to_environment(tracking_uri))
+    """A client of the store at `tracking_uri`: every client and run of the project opens the
+    store here, and here alone a user and password in the URI are resolved.
+
+    MLflow takes a server's credentials only from its MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD environment variables (or ~/.mlflow/credentials): MlflowClient and
+    mlflow.set_tracking_uri take none, and a URI that kept them would show them in every URL
+    MLflow prints or stores. So this sets those two variables, for this process and the DDP
+    ranks, trials and SLURM jobs it starts, and the client gets the URI without them.
+    """
+    parts = urlsplit(tracking_uri)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return MlflowClient(without_credentials(tracking_uri))
 
 
-def use_tracking_uri(tracking_uri: str) -> None:
-    """Point MLflow's fluent API (start_run, log_model, register_model) at the store, with
-    credentials as `tracking_client` passes them."""
-    mlflow.set_tracking_uri(credentials_to_environment(tracking_uri))
-
-
-def credentials_to_environment(tracking_uri: str) -> str:
+def without_credentials(tracking_uri: str) -> str:
+    """`tracking_uri` less its user and password, if it names them: the URI MLflow may print."""
     parts = urlsplit(tracking_uri)
     if parts.password is None:
         return tracking_uri
-    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 

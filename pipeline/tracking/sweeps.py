@@ -290,13 +290,13 @@ class SweepTracking(Callback):
         self.close("FINISHED")
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        """Runs where the trial ran: ends its MLflow run as FAILED if the trial failed after
-        the run started (diverged, crashed), and appends the trial to `trials.jsonl`. A trial
-        of several SLURM tasks runs the job, this included, in each: only rank 0 records it."""
+        """Runs where the trial ran: appends the trial to `trials.jsonl` (its run, which the
+        training ended as it ended: pipeline.tracking.runs.TrainingRun). A trial of several
+        SLURM tasks runs the job, this included, in each: only rank 0 records it."""
         hydra = config.hydra
         if hydra.mode != RunMode.MULTIRUN or global_rank() != 0:
             return
-        from pipeline.tracking.store import RUN_FILE, read_run, tracking_client
+        from pipeline.tracking.store import RUN_FILE, read_run
 
         output_dir = Path(hydra.runtime.output_dir)
         run = read_run(output_dir) if (output_dir / RUN_FILE).is_file() else None
@@ -307,10 +307,6 @@ class SweepTracking(Callback):
             metrics, error = {}, str(err)
         if PRUNED_AT in metrics:
             status = "PRUNED"
-        if status == "FAILED" and run is not None:
-            client = tracking_client(run["tracking_uri"])
-            if client.get_run(run["run_id"]).info.status != "FAILED":
-                retry(lambda: client.set_terminated(run["run_id"], "FAILED"), "ending a run")
         trial = {
             "job": hydra.job.num,
             "status": status,
@@ -325,7 +321,11 @@ class SweepTracking(Callback):
     def lost(self, jobs: dict[str, str], submitit_dir: Path) -> None:
         """Trials whose SLURM jobs ended without a result, which submitit would wait for ever
         (`pipeline.slurm.LostJobWatch`), once the others have ended: their runs end FAILED, the
-        sweep records them, closes its parent as FAILED and ends, saying which."""
+        sweep records them, closes its parent as FAILED and ends, saying which.
+
+        The one writer of a trial's status other than its TrainingRun: a job SLURM killed
+        (cancelled, out of memory, its node gone) took its run's owner with it, and the sweep,
+        which started the job, is left to say how it ended."""
         from pipeline.tracking.store import tracking_client
 
         client = tracking_client(self.tracking_uri)

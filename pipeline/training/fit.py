@@ -8,6 +8,7 @@ when SLURM restarted its job, once `pipeline.training.resume` found it the same 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -17,7 +18,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from pipeline.config import DatasetConfig, TrainerConfig, TrainJob
@@ -27,17 +27,16 @@ from pipeline.evaluation.evaluate import evaluate_run
 from pipeline.evaluation.logged_model import log_model
 from pipeline.models.summary import describe
 from pipeline.search.study import PRUNED_AT, StudyTrial
-from pipeline.tracking.runs import (
+from pipeline.tracking.runs import TrainingRun, dataset_inputs, git_commit, run_name
+from pipeline.tracking.store import without_credentials
+from pipeline.tracking.sweeps import global_rank
+from pipeline.training.callbacks import (
     EpochHistory,
-    RunRecorder,
-    SystemMetrics,
-    dataset_inputs,
-    git_commit,
-    run_logger,
-    run_name,
+    ProgressBar,
+    PruneOnReport,
+    RunMetrics,
+    StopOnDivergence,
 )
-from pipeline.tracking.store import credentials_to_environment
-from pipeline.training.callbacks import ProgressBar, PruneOnReport, StopOnDivergence
 from pipeline.training.checkpoint_io import VerifiedCheckpointIO
 from pipeline.training.module import Classifier
 from pipeline.training.resume import (
@@ -80,36 +79,53 @@ def train(
     if cfg.trainer.compile:
         # in place (torch.nn.Module.compile): the checkpoint keeps the eager model's keys
         module.model.compile()
-    name = run_name(cfg.model.backbone_name, cfg.model.head, cfg.dataset.name)
-    run_id = continuation.run_id if continuation else None
-    logger = run_logger(
-        cfg.mlflow.experiment, name, cfg.mlflow.tracking_uri, run_id, run_tags or {}
-    )
+    # opened before DDP's ranks meet, so that a training whose ranks never meet still has its
+    # run, FAILED: it ends as the training does (TrainingRun's status), on rank 0, its owner
+    run = open_run(cfg, output_dir, continuation, run_tags) if global_rank() == 0 else None
+    with run or contextlib.nullcontext():
+        if run is not None and continuation is None:
+            record_start(cfg, run, module, datamodule.meta, output_dir)
+        if run is not None and trial is not None:
+            trial.record_run(run.id)
+        return fit_and_test(
+            cfg, module, datamodule, output_dir, run, continuation, trial, extra_callbacks
+        )
+
+
+def fit_and_test(
+    cfg: TrainJob,
+    module: Classifier,
+    datamodule: TensorDataModule,
+    output_dir: Path,
+    run: TrainingRun | None,
+    continuation: Continuation | None,
+    trial: StudyTrial | None,
+    extra_callbacks: Sequence[L.Callback],
+) -> dict[str, float]:
+    """`train` once its run is open (on rank 0: `run`; other ranks: None)."""
     best, divergence, callbacks = build_callbacks(cfg, output_dir)
     pruning = PruneOnReport(trial) if trial else None
+    uri = without_credentials(cfg.mlflow.tracking_uri)
     trainer = L.Trainer(
         **cfg.trainer.lightning_args() | {"strategy": strategy(cfg.trainer)},
-        logger=logger,
+        logger=RunMetrics(uri, run.id if run else None),
         callbacks=[*callbacks, *([pruning] if pruning else []), *extra_callbacks],
         default_root_dir=output_dir,
         plugins=[VerifiedCheckpointIO()],
     )
-    if trainer.is_global_zero:
-        run_recorder(cfg, module, datamodule.meta, output_dir, continuation).start(logger)
-
     checkpoint = continuation.checkpoint if continuation else None
     trainer.fit(module, datamodule, ckpt_path=checkpoint)
     if divergence.epoch is not None:
-        return stop_diverged(cfg, trainer, logger, divergence, best, checkpoint)
+        return stop_diverged(cfg, run, divergence, best, checkpoint)
     if pruning and pruning.epoch is not None:
-        return stop_pruned(trainer, logger, pruning.epoch, best)
-    trainer.test(module, datamodule, ckpt_path=best.best_model_path, verbose=trainer.is_global_zero)
+        return stop_pruned(run, pruning.epoch, best)
+    trainer.test(module, datamodule, ckpt_path=best.best_model_path, verbose=run is not None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["val/acc_best"] = float(best.best_model_score or 0.0)
-    if trainer.is_global_zero:
+    if run is not None:
         metrics |= record(
             cfg,
-            logger,
+            run,
             module,
             datamodule,
             best,
@@ -129,15 +145,26 @@ def strategy(trainer: TrainerConfig) -> str | DDPStrategy:
     return DDPStrategy(timeout=timedelta(seconds=trainer.ddp_timeout_s))
 
 
-def run_recorder(
+def open_run(
     cfg: TrainJob,
-    module: Classifier,
-    meta: dict,
     output_dir: Path,
     continuation: Continuation | None,
-) -> RunRecorder:
-    """What rank 0 records in the training's run before fitting."""
-    return RunRecorder(
+    run_tags: Mapping[str, str] | None,
+) -> TrainingRun:
+    """The training's MLflow run: the one it continues, or a new one with `run_tags`."""
+    uri = cfg.mlflow.tracking_uri
+    if continuation is not None:
+        tags = resume_tags(continuation.changes)
+        return TrainingRun.resume(uri, continuation.run_id, tags, output_dir)
+    name = run_name(cfg.model.backbone_name, cfg.model.head, cfg.dataset.name)
+    return TrainingRun.start(uri, cfg.mlflow.experiment, name, run_tags or {}, output_dir)
+
+
+def record_start(
+    cfg: TrainJob, run: TrainingRun, module: Classifier, meta: dict, output_dir: Path
+) -> None:
+    """What a new run records before fitting: the config, the code, the data, the network."""
+    run.record_training(
         asdict(cfg),
         describe(module.model.network),
         tags={
@@ -149,8 +176,6 @@ def run_recorder(
             "torch.threads": str(torch.get_num_threads()),
         },
         datasets=dataset_inputs(meta, cfg.paths.processed_dir(cfg.dataset.name)),
-        output_dir=output_dir,
-        resumed=None if continuation is None else resume_tags(continuation.changes),
     )
 
 
@@ -164,7 +189,7 @@ def build_callbacks(
     # Lightning's save_last only writes when `best` does; resuming needs every epoch's state.
     last = ModelCheckpoint(output_dir / "checkpoints", "last", enable_version_counter=False)
     divergence = StopOnDivergence()
-    callbacks = [best, last, divergence, SystemMetrics(cfg.mlflow.tracking_uri)]
+    callbacks: list[L.Callback] = [best, last, divergence]
     callbacks.append(RecordSettings(cfg))
     callbacks.append(EpochHistory(output_dir / "history.csv"))
     callbacks += [LearningRateMonitor("epoch"), ProgressBar()]
@@ -175,7 +200,7 @@ def build_callbacks(
 
 def record(
     cfg: TrainJob,
-    logger: MLFlowLogger,
+    run: TrainingRun,
     module: Classifier,
     datamodule: TensorDataModule,
     best: ModelCheckpoint,
@@ -186,22 +211,19 @@ def record(
     """Rank 0, after testing: the best score and checkpoint to the run, its MLflow model, then
     the evaluation (`module` holds the best weights: trainer.test loaded them); returns its
     metrics."""
-    client, run_id = logger.experiment, logger.run_id
     # at the test's step, with the test's metrics: what the MLflow model takes as its own
-    client.log_metric(run_id, "val/acc_best", best_score, step=step)
+    run.log_metric("val/acc_best", best_score, step=step)
     checkpoint = str(Path(best.best_model_path).resolve())
     if cfg.mlflow.log_checkpoint:
-        client.log_artifact(run_id, best.best_model_path, "evaluation")
-        checkpoint = f"runs:/{run_id}/evaluation/{Path(checkpoint).name}"
+        run.log_artifact(Path(best.best_model_path), "evaluation")
+        checkpoint = f"runs:/{run.id}/evaluation/{Path(checkpoint).name}"
     if cfg.mlflow.log_model:
-        example = datamodule.splits["test"].images[:2]
-        uri = credentials_to_environment(cfg.mlflow.tracking_uri)
-        log_model(module, run_id, uri, example, step, checkpoint)
-    log.info("output: %s  mlflow run: %s", output_dir, run_id)
+        log_model(module, datamodule.splits["test"].images[:2], step, checkpoint)
+    log.info("output: %s  mlflow run: %s", output_dir, run.id)
     if not cfg.train.evaluate:
         return {}
     test = datamodule.splits["test"]
-    evaluation = evaluate_run(module.model, test, cfg.evaluation, output_dir / "eval", output_dir)
+    evaluation = evaluate_run(module.model, test, cfg.evaluation, output_dir / "eval", run)
     return {f"test/acc_at_{r['size']}px": r["accuracy"] for r in evaluation.resolution}
 
 
@@ -231,17 +253,16 @@ def check_data_matches(meta: dict, dataset: DatasetConfig) -> None:
 
 def stop_diverged(
     cfg: TrainJob,
-    trainer: L.Trainer,
-    logger: MLFlowLogger,
+    run: TrainingRun | None,
     divergence: StopOnDivergence,
     best: ModelCheckpoint,
     resumed_from: Path | None,
 ) -> dict[str, float]:
-    """Every rank stopped after the epoch that diverged; rank 0 ends the run as FAILED and says
-    what to change (its checkpoints keep the last finite weights: VerifiedCheckpointIO)."""
-    if not trainer.is_global_zero:
+    """Every rank stopped after the epoch that diverged; rank 0 raises, saying what to change,
+    and its run ends FAILED (its checkpoints keep the last finite weights:
+    VerifiedCheckpointIO)."""
+    if run is None:
         return {"val/acc_best": float(best.best_model_score or 0.0)}
-    logger.experiment.set_terminated(logger.run_id, "FAILED")
     if resumed_from and divergence.epoch == divergence.first_epoch:
         raise PipelineError(
             f"training diverged in its first epoch after resuming from {resumed_from}: "
@@ -255,13 +276,11 @@ def stop_diverged(
     )
 
 
-def stop_pruned(
-    trainer: L.Trainer, logger: MLFlowLogger, epoch: int, best: ModelCheckpoint
-) -> dict[str, float]:
+def stop_pruned(run: TrainingRun | None, epoch: int, best: ModelCheckpoint) -> dict[str, float]:
     """Every rank stopped after `epoch`, as the study's pruner said; rank 0 ends the run as
     KILLED, its curves as far as they went (the trial tags it with its state when it tells the
     study: pipeline.search.study)."""
-    if trainer.is_global_zero:
-        logger.experiment.set_terminated(logger.run_id, "KILLED")
+    if run is not None:
+        run.end("KILLED")
         log.info("pruned after epoch %d: trailing the study's other trials", epoch)
     return {"val/acc_best": float(best.best_model_score or 0.0), PRUNED_AT: float(epoch)}
