@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -208,6 +209,35 @@ def test_ddp_on_two_cpu_processes_makes_one_run_and_one_output_dir(tmp_path, dat
     # 1,137 training images over 2 ranks: shards of 569 and 568, 9 batches of 64 each, 2 epochs
     last = torch.load(run_dirs[0] / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 18
+
+
+def test_a_ddp_rank_0_killed_mid_training_leaves_its_run_failed(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    overrides = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+    command = cli(
+        tmp_path, data_dir, *overrides, "trainer.max_epochs=100", f"hydra.run.dir={run_dir}"
+    )
+    launcher = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:
+        assert launcher.poll() is None, launcher.stdout.read()
+        time.sleep(0.2)
+    # the ranks: forks of the launcher, started in local-rank order
+    launched = psutil.Process(launcher.pid)
+    ranks = [p for p in launched.children() if p.cmdline() == launched.cmdline()]
+    rank_0 = min(ranks, key=lambda p: p.pid)
+    rank_0.kill()  # no cleanup at all: the run's owner is gone
+    output, _ = launcher.communicate(timeout=240)
+    assert launcher.returncode == 1 and "DDP rank 0 failed" in output
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(read_run(run_dir)["run_id"]).info.status == "FAILED"
 
 
 def test_killed_training_resumes_in_the_same_run_and_matches_an_uninterrupted_one(

@@ -169,6 +169,18 @@ class TrainingRun:
             ) from None
         return cls(client, run_id)
 
+    @classmethod
+    def end_abandoned(cls, output_dir: Path) -> None:
+        """End FAILED the run that rank 0 left RUNNING in `output_dir` when it died without
+        ending it (killed, out of memory): for the process that started that rank (DDP's
+        launcher), the one left to say how it ended. A run rank 0 ended stays as it ended."""
+        if not (output_dir / RUN_FILE).is_file():
+            return
+        recorded = read_run(output_dir)
+        client = tracking_client(recorded["tracking_uri"])
+        if client.get_run(recorded["run_id"]).info.status == "RUNNING":
+            client.set_terminated(recorded["run_id"], "FAILED")
+
     def record_training(
         self,
         config: Mapping[str, Any],

@@ -36,6 +36,7 @@ from pipeline.errors import PipelineError
 from pipeline.models.backbones import backbone_entry
 from pipeline.search.study import StudyTrial
 from pipeline.slurm import first_node_address
+from pipeline.tracking.runs import TrainingRun
 from pipeline.tracking.store import experiment_id, open_store
 from pipeline.training.fit import open_data, train
 
@@ -80,6 +81,7 @@ def run_training(
     except DistError as err:  # this node's launcher never met node 0's
         raise ranks_apart(cfg, err) from err
     except ChildFailedError as err:
+        TrainingRun.end_abandoned(output_dir)  # rank 0 may have died without ending it
         rank, failure = err.get_first_failure()
         message = failure.message  # the rank's exception, as @record wrote it
         if isinstance(message, dict):
