@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import REPO, Mirror
 from tests.formats import checksums_override, cifar_batches, mnist_files, tar_gz
 
-HEAVY = ("torch", "lightning", "torchmetrics", "torchvision", "mlflow", "sklearn")
+HEAVY = ("torch", "lightning", "torchmetrics", "mlflow", "sklearn")
 
 
 @pytest.mark.parametrize(
