@@ -82,6 +82,12 @@ def run_module(
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first: the workers share the long ones from the start, rather than one of
+    them running the last long test alone while the others have nothing left."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real digits data, fetched and preprocessed by the pipeline's own stages."""

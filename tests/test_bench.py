@@ -7,14 +7,16 @@ from mlflow.tracking import MlflowClient
 
 from benchmarks.bench import bench_training, report, training_config, write_dataset
 
+IMAGES = 128  # two batches an epoch
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["lenet5", "alexnet"])
 def test_the_training_and_the_plain_loop_alternate_step_by_step(tmp_path, model):
     cfg = training_config(model, batch_size=64, directory=tmp_path, epochs=2, device="cpu")
-    write_dataset(cfg, train_images=256)
+    write_dataset(cfg, train_images=IMAGES)
     interleave = bench_training(cfg, tmp_path / "run")
-    assert interleave.images == 2 * 256  # the timed epochs, after the warm-up one
+    assert interleave.images == 2 * IMAGES  # the timed epochs, after the warm-up one
     assert all(seconds > 0 for seconds in interleave.seconds.values())
     momentum = [state["momentum_buffer"] for state in interleave.plain.optimizer.state.values()]
     parameters = list(interleave.plain.network.parameters())
@@ -26,10 +28,12 @@ def test_the_training_and_the_plain_loop_alternate_step_by_step(tmp_path, model)
     assert len(client.get_metric_history(run.info.run_id, "train/loss_epoch")) == 3
     assert run.data.params["data.batch_size"] == "64"
 
-    assert interleave.warmup[1] == 256  # the warm-up epoch, kept apart for the compile time
+    assert interleave.warmup[1] == IMAGES  # the warm-up epoch, kept apart for the compile time
 
     # the same Interleave as both columns: each ratio is its pipeline over its plain steps
-    table = report(model, {64: {False: interleave, True: interleave}}, "cpu", epochs=2, images=256)
+    table = report(
+        model, {64: {False: interleave, True: interleave}}, "cpu", epochs=2, images=IMAGES
+    )
     batch, plain, eager, ratio, compiled, compiled_ratio, _ = table.splitlines()[-1].split()
     assert plain == f"{interleave.rate('plain'):,.0f}"
     pace = interleave.rate("pipeline") / interleave.rate("plain")
