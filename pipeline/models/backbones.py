@@ -85,7 +85,7 @@ def backbone_entry(backbone: str | dict[str, Any]) -> BackboneEntry:
             f"config key 'model.backbone._target_' = {target!r} cannot be imported ({err}): "
             "install your package or put it on PYTHONPATH"
         ) from err
-    return BackboneEntry(lambda cfg, channels, tail: instantiated(backbone), own_defaults)
+    return BackboneEntry(lambda cfg, channels, tail: instantiated(backbone), plain_defaults)
 
 
 def instantiated(backbone: dict[str, Any]) -> nn.Module:
@@ -102,8 +102,9 @@ def instantiated(backbone: dict[str, Any]) -> nn.Module:
     return network
 
 
-def own_defaults(cfg: ModelConfig, shape: Shape) -> dict[str, Any]:
-    """A user's backbone: its heads classify straight from the features (no hidden layer)."""
+def plain_defaults(cfg: ModelConfig, shape: Shape) -> dict[str, Any]:
+    """A backbone with no head options of its own (a user's; NiN changes two): relu, its heads
+    classify straight from the features (no hidden layer, no dropout)."""
     return {
         "activation": "relu",
         "pooling": "max",

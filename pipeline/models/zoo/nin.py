@@ -21,7 +21,14 @@ from typing import Any
 from torch import nn
 
 from pipeline.config import ModelConfig, require
-from pipeline.models.backbones import conv, first_conv, input_pad, pool, register_backbone
+from pipeline.models.backbones import (
+    conv,
+    first_conv,
+    input_pad,
+    plain_defaults,
+    pool,
+    register_backbone,
+)
 from pipeline.models.geometry import Shape
 from pipeline.models.layers import activation
 
@@ -37,15 +44,7 @@ def mlpconv(cfg: ModelConfig, first: nn.Conv2d, widths: Sequence[int]) -> nn.Seq
 
 
 def nin_defaults(cfg: ModelConfig, shape: Shape) -> dict[str, Any]:
-    return {
-        "activation": "relu",
-        "pooling": "max",
-        "input_pad": 0,
-        "hidden": [],
-        "spp_levels": [4, 2, 1],
-        "dropout": 0.5,
-        "width": 1.0,
-    }
+    return plain_defaults(cfg, shape) | {"dropout": 0.5, "width": 1.0}
 
 
 @register_backbone("nin", nin_defaults, "fc{}")
