@@ -148,6 +148,11 @@ class TrainingRun:
         (output_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     @classmethod
+    def of_record(cls, recorded: Mapping[str, str]) -> TrainingRun:
+        """The run a `run.json` record names (`read_run`), unchecked."""
+        return cls(tracking_client(recorded["tracking_uri"]), recorded["run_id"])
+
+    @classmethod
     def recorded_in(cls, output_dir: Path, timeout_s: float) -> TrainingRun | None:
         """The run of the finished training in `output_dir` (None if it recorded none), for
         `evaluate` to add its reports to: its store answered within `timeout_s` and holds it.
@@ -156,18 +161,18 @@ class TrainingRun:
             return None
         recorded = read_run(output_dir)
         check_store(recorded["tracking_uri"], timeout_s)
-        client, run_id = tracking_client(recorded["tracking_uri"]), recorded["run_id"]
+        run = cls.of_record(recorded)
         try:
-            client.get_run(run_id)
+            run.client.get_run(run.id)
         except MlflowException as err:
             if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
                 raise
             raise PipelineError(
-                f"{output_dir / RUN_FILE} names MLflow run {run_id}, which the store at "
+                f"{output_dir / RUN_FILE} names MLflow run {run.id}, which the store at "
                 f"{mask_password(recorded['tracking_uri'])} does not hold (deleted with its "
                 "store?): train again (with DVC: `dvc repro --force train@NAME`)"
             ) from None
-        return cls(client, run_id)
+        return run
 
     @classmethod
     def end_abandoned(cls, output_dir: Path) -> None:
@@ -176,10 +181,9 @@ class TrainingRun:
         launcher), the one left to say how it ended. A run rank 0 ended stays as it ended."""
         if not (output_dir / RUN_FILE).is_file():
             return
-        recorded = read_run(output_dir)
-        client = tracking_client(recorded["tracking_uri"])
-        if client.get_run(recorded["run_id"]).info.status == "RUNNING":
-            client.set_terminated(recorded["run_id"], "FAILED")
+        run = cls.of_record(read_run(output_dir))
+        if run.client.get_run(run.id).info.status == "RUNNING":
+            run.end("FAILED")
 
     def record_training(
         self,

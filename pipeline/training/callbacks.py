@@ -23,9 +23,6 @@ class RunMetrics(MLFlowLogger):
     (Lightning's, after fit and test and on an exception) leaves its status alone. Lightning
     logs from rank 0 only: the other ranks' logger has no run (None) and never makes one."""
 
-    def __init__(self, tracking_uri: str, run_id: str | None) -> None:
-        super().__init__(tracking_uri=tracking_uri, run_id=run_id)
-
     def finalize(self, status: str = "success") -> None:
         pass
 

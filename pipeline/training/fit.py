@@ -108,7 +108,7 @@ def fit_and_test(
     uri = without_credentials(cfg.mlflow.tracking_uri)
     trainer = L.Trainer(
         **cfg.trainer.lightning_args() | {"strategy": strategy(cfg.trainer)},
-        logger=RunMetrics(uri, run.id if run else None),
+        logger=RunMetrics(tracking_uri=uri, run_id=run.id if run else None),
         callbacks=[*callbacks, *([pruning] if pruning else []), *extra_callbacks],
         default_root_dir=output_dir,
         plugins=[VerifiedCheckpointIO()],
