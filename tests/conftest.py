@@ -6,9 +6,11 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import mlflow
 import pytest
+from mlflow.tracking import MlflowClient
 
 from pipeline.cli import compose_config
 from pipeline.config import DatasetConfig, PrepareJob, TrainJob
@@ -98,6 +101,24 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@functools.cache
+def _store_made_once() -> tempfile.TemporaryDirectory:
+    """A directory holding an MLflow store whose tables MLflow made: once per test process."""
+    directory = tempfile.TemporaryDirectory(prefix="convnet-pipeline-store-")
+    MlflowClient(f"sqlite:///{Path(directory.name) / 'mlflow.db'}").search_experiments()
+    return directory
+
+
+def store_uri(tmp: Path) -> str:
+    """The URI of `tmp`/mlflow.db, a store as a user's is after their first training: a copy of
+    one made once, as making a store's tables takes longer than a short training's epochs. A
+    store's first use is tested where it is new: `make demo`, DVC, the tracking server."""
+    store = tmp / "mlflow.db"
+    if not store.exists():
+        shutil.copy(Path(_store_made_once().name) / "mlflow.db", store)
+    return f"sqlite:///{store}"
+
+
 def cli(tmp: Path, data_dir: Path, *overrides: str) -> list[str]:
     """`python -m pipeline.train` on `data_dir`, tracked in `tmp`/mlflow.db."""
     return [
@@ -105,7 +126,7 @@ def cli(tmp: Path, data_dir: Path, *overrides: str) -> list[str]:
         "-m",
         "pipeline.train",
         f"paths.data_dir={data_dir}",
-        f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"mlflow.tracking_uri={store_uri(tmp)}",
         *overrides,
     ]
 
@@ -118,7 +139,7 @@ def run_training(
     tmp: Path, data_dir: Path, *overrides: str, extra_callbacks: Sequence[L.Callback] = ()
 ) -> tuple[dict, Path, str]:
     """Train in-process; returns (metrics, output dir, tracking URI)."""
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = store_uri(tmp)
     cfg = train_config(f"paths.data_dir={data_dir}", f"mlflow.tracking_uri={uri}", *overrides)
     output_dir = tmp / "run"
     return train(cfg, output_dir, extra_callbacks=extra_callbacks), output_dir, uri

@@ -223,20 +223,46 @@ def test_a_trial_killed_before_its_result_ends_the_sweep_saying_so(slurm, tmp_pa
     assert recorded["FAILED"]["job"] == 0 and cancelled in recorded["FAILED"]["error"]
 
 
-# a training of about 90 s on this machine (24 epochs of 3.7 s), one step per image, one thread:
-# longer than its SLURM job runs before it is signalled (45 s), on a machine twice as fast too
-EPOCHS = 24
+# A training of about 100 s spent mostly asleep: LeNet-5's maps in the user's own package
+# (`model.backbone._target_`), pausing before each batch. It outlasts its SLURM job's first 75 s
+# on any machine, and leaves the cores to the other tests meanwhile.
+PACED_PACKAGE = """
+import time
+
+from torch import nn
+
+
+class PacedLeNet(nn.Sequential):
+    def __init__(self, in_channels: int, pause_s: float) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2),
+        )
+        self.pause_s = pause_s
+
+    def forward(self, x):
+        time.sleep(self.pause_s)
+        return super().forward(x)
+"""
+# 18 training and 5 validation batches an epoch, a quarter second each
+EPOCHS = 16
 TIME_LIMITED = (
+    "model.backbone={_target_:paced_nets.PacedLeNet,in_channels:1,pause_s:0.25}",
     "optimizer=adam",
-    "data.batch_size=1",
+    "data.batch_size=64",
     "trainer.threads=1",
     f"trainer.max_epochs={EPOCHS}",
+    "evaluation.scales=[1.0]",
 )
 
 
 def test_trial_at_its_time_limit_is_requeued_until_it_finishes_as_if_uninterrupted(
     slurm, tmp_path, data_dir
 ):
+    package = tmp_path / "src" / "paced_nets"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(PACED_PACKAGE)
+    exported = {"PYTHONPATH": os.pathsep.join([str(package.parent), env()["PYTHONPATH"]])}
     # SLURM signals a job signal_delay_s to signal_delay_s + 30 s before its time limit (it looks
     # every 30 s): here 45 to 75 s after it starts; submitit then requeues it, as often as needed
     sweep = start_sweep(
@@ -247,12 +273,15 @@ def test_trial_at_its_time_limit_is_requeued_until_it_finishes_as_if_uninterrupt
         "hydra.launcher.timeout_min=2",
         "hydra.launcher.signal_delay_s=45",
         "hydra.launcher.max_num_timeout=10",
+        exported=exported,
     )
     # the same training, uninterrupted, here beside it
     straight = tmp_path / "straight"
     straight.mkdir()
     command = cli(straight, data_dir, *TIME_LIMITED, f"hydra.run.dir={straight / 'run'}")
-    reference = subprocess.run(command, cwd=straight, env=env(), capture_output=True, text=True)
+    reference = subprocess.run(
+        command, cwd=straight, env=env() | exported, capture_output=True, text=True
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
     finish(sweep, slurm, tmp_path)
 
