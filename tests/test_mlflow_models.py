@@ -128,12 +128,12 @@ def test_gap_champion_classifies_images_at_any_size_and_names_the_smallest(
     assert model.metadata.get_input_schema().inputs[0].shape == (-1, 1, -1, -1)
     test = load_split(data_dir / "processed" / "digits", "test")
     classes = read_meta(data_dir / "processed" / "digits")["classes"]
-    evaluated = {m.step: m.value for m in store.get_metric_history(run_id, "test/acc_at_size")}
+    evaluated = store.get_run(run_id).data.metrics
     for size in GAP_SIZES:
         answer = model.predict(resized(test.images, size))
         accuracy = (answer["class_index"].to_numpy() == test.labels.numpy()).mean()
         # the pipeline's own evaluation at that size, on unrounded pixels
-        assert accuracy == pytest.approx(evaluated[size], abs=0.03), size
+        assert accuracy == pytest.approx(evaluated[f"test/acc_{size}px"], abs=0.03), size
         assert accuracy > 0.3, f"{accuracy:.3f} at {size} px: barely above chance (0.1)"
         assert answer["class_name"].tolist() == [classes[i] for i in answer["class_index"]]
         probabilities = np.stack(answer["probabilities"].to_list())

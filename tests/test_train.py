@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import subprocess
 import time
@@ -54,8 +55,20 @@ def test_run_records_params_metrics_tags_and_artifacts(shared_run):
     assert [f"test/acc_class/{i}" in logged for i in range(10)] == [True] * 10
     assert logged["test/acc"] == pytest.approx(metrics["test/acc"])
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 5  # one per epoch
-    sizes = [m.step for m in client.get_metric_history(run.info.run_id, "test/acc_at_size")]
-    assert sorted(sizes) == [14, 21, 28, 35, 42, 56, 70, 84]
+    sizes = sorted(int(name[9:-2]) for name in logged if re.fullmatch(r"test/acc_\d+px", name))
+    assert sizes == [14, 21, 28, 35, 42, 56, 70, 84]
+    # what the run's page says first, with the accuracy at its training size
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith(f"lenet5-fc on digits: test accuracy {logged['test/acc']:.2%}")
+    assert "smallest input 28 px" in note
+    # its params: the values set, and not the store's address
+    assert "None" not in params.values() and "mlflow.tracking_uri" not in params
+    # the logged model holds every evaluation metric, of the test split it measured
+    [model] = client.search_logged_models([run.info.experiment_id])
+    measured = {m.key: m for m in model.metrics}
+    assert {"test/acc", "test/acc_28px", "test/min_input_size"} <= set(measured)
+    assert measured["test/acc_28px"].dataset_name == "digits-test"
+    assert measured["test/acc_28px"].dataset_digest == meta["splits"]["test"]["sha256"][:36]
     assert {
         "config.yaml",
         "summary.txt",

@@ -34,7 +34,7 @@ from pipeline.evaluation.figures import (
     resolution_figure,
 )
 from pipeline.models import ImageClassifier, build_classifier
-from pipeline.tracking.runs import TrainingRun
+from pipeline.tracking.runs import TrainingRun, split_dataset
 from pipeline.tracking.store import RUN_FILE
 
 log = logging.getLogger(__name__)
@@ -155,13 +155,36 @@ def write_reports(
     return files
 
 
-def log_to_run(run: TrainingRun, files: list[Path], evaluation: Evaluation) -> None:
-    """Attach the reports and resolution metrics to the training's MLflow run."""
+def log_to_run(
+    run: TrainingRun,
+    files: list[Path],
+    evaluation: Evaluation,
+    module: ImageClassifier,
+    test: Split,
+) -> None:
+    """Attach the reports to the training's MLflow run; its metrics to the run and its model:
+    one per input size (test/acc_28px), and the smallest input; the run's description."""
     for path in files:
         run.log_artifact(path, "evaluation")
-    for row in evaluation.resolution:
-        run.log_metric("test/acc_at_size", row["accuracy"], step=int(row["size"]))
-    run.log_metric("test/min_input_size", evaluation.min_input_size)
+    metrics = {f"test/acc_{row['size']}px": row["accuracy"] for row in evaluation.resolution}
+    metrics["test/min_input_size"] = evaluation.min_input_size
+    dataset = module.dataset_cfg.name
+    run.log_evaluation(metrics, split_dataset(dataset, "test", test.sha256()))
+    run.describe(description(evaluation, module.network.name, dataset, len(test.labels)))
+
+
+def description(evaluation: Evaluation, network: str, dataset: str, images: int) -> str:
+    """What a run's page says first: the model, its test accuracy, how it fares by input size."""
+    correct = round(evaluation.accuracy * images)
+    text = f"{network} on {dataset}: test accuracy {evaluation.accuracy:.2%} ({correct}/{images})"
+    if evaluation.resolution:
+        worst = min(evaluation.resolution, key=lambda r: r["accuracy"])
+        best = max(evaluation.resolution, key=lambda r: r["accuracy"])
+        text += (
+            f"; by input size {worst['accuracy']:.2%} ({worst['size']} px) to "
+            f"{best['accuracy']:.2%} ({best['size']} px)"
+        )
+    return f"{text}; smallest input {evaluation.min_input_size} px."
 
 
 def check_run_dir(run_dir: Path, checkpoint: str) -> None:
@@ -230,7 +253,7 @@ def evaluate_run(
     with staged_files(out_dir) as staging:
         files = write_reports(evaluation, module, test, staging)
         if run is not None:
-            log_to_run(run, files, evaluation)
+            log_to_run(run, files, evaluation, module, test)
     sizes = ", ".join(f"{r['size']}px {r['accuracy']:.4f}" for r in evaluation.resolution)
     log.info(
         "test accuracy %.4f; by input size (%s takes %d px up): %s",

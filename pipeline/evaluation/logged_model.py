@@ -37,6 +37,7 @@ from mlflow.types.schema import Array, ColSpec
 
 import pipeline
 from pipeline.errors import PipelineError
+from pipeline.tracking.runs import TrainingRun
 
 if TYPE_CHECKING:
     from pipeline.training.module import Classifier
@@ -111,13 +112,12 @@ def log_model(module: Classifier, example: torch.Tensor, step: int, checkpoint: 
 
 def run_model_id(client: MlflowClient, run_id: str) -> str:
     """The id of the MLflow model that run `run_id` logged (its last, if several)."""
-    outputs = client.get_run(run_id).outputs
-    models = sorted(outputs.model_outputs, key=lambda m: m.step) if outputs else []
-    if not models:
+    model_id = TrainingRun(client, run_id).logged_model_id()
+    if model_id is None:
         raise PipelineError(
             f"MLflow run {run_id} logged no model: train with mlflow.log_model=true to register it"
         )
-    return models[-1].model_id
+    return model_id
 
 
 def model_score(client: MlflowClient, model_id: str) -> float:

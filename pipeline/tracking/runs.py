@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
 from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 
 from pipeline.config import mask_password
@@ -35,7 +35,8 @@ from pipeline.errors import PipelineError
 from pipeline.tracking.preflight import check_store
 from pipeline.tracking.store import RUN_FILE, experiment_id, read_run, tracking_client
 
-# model training, as opposed to GenAI: the UI shows such an experiment's runs, models, datasets
+# model training, as opposed to GenAI: read by MLflow UIs before 3.x's workflow switch (3.17's
+# UI opens the view its address names: `make ui` prints it)
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
@@ -66,6 +67,22 @@ def run_name(backbone: str, head: str, dataset: str) -> str:
     return f"{backbone}-{head}-{dataset}-{uuid.uuid4().hex[:6]}"
 
 
+def recorded_params(config: Mapping[str, Any]) -> list[Param]:
+    """The config's set values as params: not its nulls, nor where the run is recorded (the
+    store's URI, the run's own address; config.yaml keeps it, masked)."""
+    return [
+        Param(key, value)
+        for key, value in flatten(config)
+        if value != "None" and key != "mlflow.tracking_uri"
+    ]
+
+
+def split_dataset(dataset: str, split: str, sha256: str) -> tuple[str, str]:
+    """(name, digest) of a preprocessed split as MLflow records it: a run's inputs, and the
+    dataset its evaluation metrics name."""
+    return f"{dataset}-{split}", sha256[:MAX_DATASET_DIGEST_SIZE]
+
+
 def dataset_inputs(meta: Mapping[str, Any], directory: Path) -> list[DatasetInput]:
     """The preprocessed splits as a run's dataset inputs (the runs table's Dataset column and
     the UI's lineage): context train/val/test, source the split's file, digest the sha256 that
@@ -77,9 +94,10 @@ def dataset_inputs(meta: Mapping[str, Any], directory: Path) -> list[DatasetInpu
     inputs = []
     for split in SPLITS:
         info = meta["splits"][split]
+        name, digest = split_dataset(meta["dataset"], split, info["sha256"])
         dataset = Dataset(
-            name=f"{meta['dataset']}-{split}",
-            digest=info["sha256"][:MAX_DATASET_DIGEST_SIZE],
+            name=name,
+            digest=digest,
             source_type="local",
             source=json.dumps({"uri": str(split_path(directory, split).resolve())}),
             schema=schema,
@@ -197,7 +215,7 @@ class TrainingRun:
         dataset inputs, the architecture summary. Once, in a new run: a resumed run has them."""
         uri = mask_password(config["mlflow"]["tracking_uri"])
         config = {**config, "mlflow": {**config["mlflow"], "tracking_uri": uri}}
-        self.client.log_batch(self.id, params=[Param(k, v) for k, v in flatten(config)])
+        self.client.log_batch(self.id, params=recorded_params(config))
         for key, value in tags.items():
             self.client.set_tag(self.id, key, value)
         self.client.log_text(self.id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
@@ -208,6 +226,26 @@ class TrainingRun:
 
     def log_metric(self, key: str, value: float, step: int = 0) -> None:
         self.client.log_metric(self.id, key, value, step=step)
+
+    def logged_model_id(self) -> str | None:
+        """The id of the MLflow model this run logged (its last, if several); None if none."""
+        outputs = self.client.get_run(self.id).outputs
+        models = sorted(outputs.model_outputs, key=lambda m: m.step) if outputs else []
+        return models[-1].model_id if models else None
+
+    def log_evaluation(self, metrics: Mapping[str, float], dataset: tuple[str, str]) -> None:
+        """Evaluation `metrics` of the test split `dataset` (name, digest): the run's, and its
+        logged model's when it has one (the model's page lists them and the data they measure)."""
+        model_id = self.logged_model_id()
+        name, digest = dataset
+        for key, value in metrics.items():
+            self.client.log_metric(
+                self.id, key, value, dataset_name=name, dataset_digest=digest, model_id=model_id
+            )
+
+    def describe(self, text: str) -> None:
+        """The run's description, what the UI shows first on its page."""
+        self.client.set_tag(self.id, MLFLOW_RUN_NOTE, text)
 
     def log_artifact(self, path: Path, directory: str) -> None:
         self.client.log_artifact(self.id, str(path), directory)

@@ -224,7 +224,7 @@ def record(
         return {}
     test = datamodule.splits["test"]
     evaluation = evaluate_run(module.model, test, cfg.evaluation, output_dir / "eval", run)
-    return {f"test/acc_at_{r['size']}px": r["accuracy"] for r in evaluation.resolution}
+    return {f"test/acc_{r['size']}px": r["accuracy"] for r in evaluation.resolution}
 
 
 def open_data(cfg: TrainJob) -> TensorDataModule:
