@@ -166,6 +166,22 @@ def test_champion_alias_moves_only_to_a_better_model(shared_run, gap_run, store)
     assert str(store.get_model_version_by_alias("kept", CHAMPION).version) == "1"
     assert store.get_model_version_by_alias("kept", CHAMPION).run_id == better
 
+    # each version says how good it is; the registered model names its champion's figures
+    version = store.get_model_version("kept", "2")
+    run = store.get_run(worse)
+    assert version.description == run.data.tags["mlflow.note.content"]
+    assert "on digits: test accuracy" in version.description
+    assert version.tags["test_accuracy"] == f"{run.data.metrics['test/acc']:.4f}"
+    assert version.tags["smallest_input_px"] == str(int(run.data.metrics["test/min_input_size"]))
+    assert version.tags["test_data"].startswith("digits-test ")
+    assert version.tags["run"] == f"{run.info.run_name} ({worse})"
+    assert "accuracy_by_size" in version.tags
+    kept = store.get_registered_model("kept").description
+    assert (
+        kept.startswith(f"@{CHAMPION}: version 1. ")
+        and store.get_run(better).data.tags["mlflow.note.content"] in kept
+    )
+
 
 def test_evaluate_registers_the_model_of_a_run_in_any_store(gap_run, data_dir, store, tmp_path):
     """The DVC stage's command, run where the default store (./mlruns) is not the run's."""

@@ -34,7 +34,7 @@ from pipeline.evaluation.figures import (
     resolution_figure,
 )
 from pipeline.models import ImageClassifier, build_classifier
-from pipeline.tracking.runs import TrainingRun, split_dataset
+from pipeline.tracking.runs import TrainingRun, size_metric, split_dataset
 from pipeline.tracking.store import RUN_FILE
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def log_to_run(
     one per input size (test/acc_28px), and the smallest input; the run's description."""
     for path in files:
         run.log_artifact(path, "evaluation")
-    metrics = {f"test/acc_{row['size']}px": row["accuracy"] for row in evaluation.resolution}
+    metrics = {size_metric(row["size"]): row["accuracy"] for row in evaluation.resolution}
     metrics["test/min_input_size"] = evaluation.min_input_size
     dataset = module.dataset_cfg.name
     run.log_evaluation(metrics, split_dataset(dataset, "test", test.sha256()))

@@ -34,10 +34,11 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 from mlflow.types.schema import Array, ColSpec
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 import pipeline
 from pipeline.errors import PipelineError
-from pipeline.tracking.runs import TrainingRun
+from pipeline.tracking.runs import TrainingRun, by_size
 
 if TYPE_CHECKING:
     from pipeline.training.module import Classifier
@@ -126,6 +127,29 @@ def model_score(client: MlflowClient, model_id: str) -> float:
     return max((m.value for m in metrics if m.key == SCORE), default=-np.inf)
 
 
+def describe_version(client: MlflowClient, version: ModelVersion, model_id: str) -> None:
+    """What a model version's page says: its run's description (the model, its test accuracy,
+    its range over input sizes, its smallest input) and those figures as tags, with the test
+    data's digest and the run it comes from."""
+    run = client.get_run(version.run_id)
+    metrics = {m.key: m for m in client.get_logged_model(model_id).metrics or []}
+    accuracy = by_size({key: metric.value for key, metric in metrics.items()})
+    tags = {"run": f"{run.info.run_name} ({run.info.run_id})"}
+    if SCORE in metrics:
+        tags["test_accuracy"] = f"{metrics[SCORE].value:.4f}"
+    if measured := next((m for m in metrics.values() if m.dataset_name), None):
+        tags["test_data"] = f"{measured.dataset_name} {measured.dataset_digest}"
+    if accuracy:
+        low, high = min(accuracy.values()), max(accuracy.values())
+        tags["accuracy_by_size"] = f"{low:.4f} to {high:.4f} ({min(accuracy)}-{max(accuracy)} px)"
+    if "test/min_input_size" in metrics:
+        tags["smallest_input_px"] = str(int(metrics["test/min_input_size"].value))
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, key, value)
+    note = run.data.tags.get(MLFLOW_RUN_NOTE, f"from run {run.info.run_name}")
+    client.update_model_version(version.name, version.version, description=note)
+
+
 def register(client: MlflowClient, run_id: str, name: str) -> tuple[ModelVersion, bool]:
     """Register run `run_id`'s model as a version of `name` (once: the same run again finds its
     version) and give it the `champion` alias if it beats the current one's test accuracy;
@@ -135,10 +159,11 @@ def register(client: MlflowClient, run_id: str, name: str) -> tuple[ModelVersion
     # not the client's (a TODO in its SqlAlchemyStore.create_model_version)
     mlflow.set_tracking_uri(client.tracking_uri)
     if not client.search_registered_models(f"name = '{name}'"):
-        client.create_registered_model(name, description="best test accuracy: @champion")
+        client.create_registered_model(name)
     found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     # mlflow.register_model also links the logged model to its version (the UI shows it there)
     registered = found[0] if found else mlflow.register_model(f"models:/{model_id}", name)
+    describe_version(client, registered, model_id)
     score = model_score(client, model_id)
     current = client.get_registered_model(name).aliases.get(CHAMPION)
     if current is not None and str(current) == str(registered.version):
@@ -153,5 +178,9 @@ def register(client: MlflowClient, run_id: str, name: str) -> tuple[ModelVersion
             )
             return registered, False
     client.set_registered_model_alias(name, CHAMPION, registered.version)
+    champion = client.get_model_version(name, registered.version)
+    client.update_registered_model(
+        name, description=f"@{CHAMPION}: version {registered.version}. {champion.description}"
+    )
     log.info("%s v%s is @%s: %s %.4f", name, registered.version, CHAMPION, SCORE, score)
     return registered, True

@@ -11,6 +11,7 @@ training's run through it without importing Lightning.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator, Mapping
@@ -65,6 +66,17 @@ def git_commit(directory: Path) -> str:
 
 def run_name(backbone: str, head: str, dataset: str) -> str:
     return f"{backbone}-{head}-{dataset}-{uuid.uuid4().hex[:6]}"
+
+
+def size_metric(size: int) -> str:
+    """The name of the test accuracy at inputs of `size` px: one metric per size."""
+    return f"test/acc_{size}px"
+
+
+def by_size(metrics: Mapping[str, float]) -> dict[int, float]:
+    """Input size -> test accuracy, from a run's or a model's metrics."""
+    sizes = (re.fullmatch(r"test/acc_(\d+)px", key) for key in metrics)
+    return dict(sorted((int(m[1]), metrics[m[0]]) for m in sizes if m))
 
 
 def recorded_params(config: Mapping[str, Any]) -> list[Param]:

@@ -27,7 +27,13 @@ from pipeline.evaluation.evaluate import evaluate_run
 from pipeline.evaluation.logged_model import log_model
 from pipeline.models.summary import describe
 from pipeline.search.study import PRUNED_AT, StudyTrial
-from pipeline.tracking.runs import TrainingRun, dataset_inputs, git_commit, run_name
+from pipeline.tracking.runs import (
+    TrainingRun,
+    dataset_inputs,
+    git_commit,
+    run_name,
+    size_metric,
+)
 from pipeline.tracking.store import without_credentials
 from pipeline.tracking.sweeps import global_rank
 from pipeline.training.callbacks import (
@@ -224,7 +230,7 @@ def record(
         return {}
     test = datamodule.splits["test"]
     evaluation = evaluate_run(module.model, test, cfg.evaluation, output_dir / "eval", run)
-    return {f"test/acc_{r['size']}px": r["accuracy"] for r in evaluation.resolution}
+    return {size_metric(r["size"]): r["accuracy"] for r in evaluation.resolution}
 
 
 def open_data(cfg: TrainJob) -> TensorDataModule:
