@@ -112,6 +112,15 @@ def test_fc_model_is_logged_with_its_run_checkpoint_metrics_and_fixed_size(share
     with pytest.raises(MlflowException, match=r"expected shape \(-1, 1, 28, 28\)"):
         pyfunc.predict(np.zeros((2, 1, 42, 42), dtype=np.uint8))
 
+    # its MLmodel names its loader module and its own folders, no path of the machine it left
+    flavor = pyfunc.metadata.flavors["python_function"]
+    assert (flavor["loader_module"], flavor["data"]) == (
+        "pipeline.evaluation.served_model",
+        "data/classifier",
+    )
+    mlmodel = Path(pyfunc.metadata.artifact_path.removeprefix("file://"), "MLmodel").read_text()
+    assert "/tmp" not in mlmodel.replace(pyfunc.metadata.artifact_path, "")
+
 
 def resized(images: torch.Tensor, size: int) -> np.ndarray:
     """uint8 images at `size` x `size`, as a client would send them."""

@@ -1,7 +1,7 @@
 """A trained classifier as an MLflow model, and its place in the Model Registry.
 
-The logged model is a pyfunc "model from code" (`served_model.py`): loading it runs that file,
-which rebuilds the network from its config (`build_classifier` on the ModelConfig and
+The logged model is a pyfunc of its own loader module (`served_model.py`): loading it imports
+that module, which rebuilds the network from its config (`build_classifier` on the ModelConfig and
 DatasetConfig it was trained with) and a state dict read with `weights_only=True`; the model
 carries this package's code, and the user's package that defines its backbone if it has one.
 Nothing on the way from a checkpoint to a served model is unpickled beyond tensors. Its
@@ -38,6 +38,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 import pipeline
 from pipeline.errors import PipelineError
+from pipeline.evaluation import served_model
 from pipeline.tracking.runs import TrainingRun, by_size
 
 if TYPE_CHECKING:
@@ -90,13 +91,14 @@ def log_model(module: Classifier, example: torch.Tensor, step: int, checkpoint: 
     # served_model.py's input: ModelConfig and DatasetConfig as dicts, the data's mean and std
     config = {key: module.hparams[key] for key in ("model", "dataset", "mean", "std")}
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = {"config": Path(tmp, "config.json"), "weights": Path(tmp, "weights.pt")}
-        artifacts["config"].write_text(json.dumps(config, indent=2) + "\n")
-        torch.save(module.model.network.state_dict(), artifacts["weights"])
+        data = Path(tmp, "classifier")
+        data.mkdir()
+        (data / served_model.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        torch.save(module.model.network.state_dict(), data / served_model.WEIGHTS)
         info = mlflow.pyfunc.log_model(
             name=f"{module.model.network.name}-{module.dataset_cfg.name}",
-            python_model=Path(pipeline.__file__).parent / "evaluation" / "served_model.py",
-            artifacts={key: str(path) for key, path in artifacts.items()},
+            loader_module=served_model.__name__,
+            data_path=str(data),
             code_paths=code_paths(config["model"]),
             signature=signature(module),
             input_example=example.cpu().numpy(),

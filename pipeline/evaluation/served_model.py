@@ -1,16 +1,15 @@
-"""The code of a logged classifier (an MLflow "model from code"): MLflow runs this file to load
-the model, so no pickled object lies between its weights and its answers."""
+"""The code of a logged classifier: the loader module MLflow imports to load it (its custom
+flavor contract: `_load_pyfunc(data_path)`), so no pickled object lies between its weights and
+its answers, and the model's MLmodel names only this module and its own folder `data/classifier`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.models import InputShapeError, build_classifier
@@ -26,18 +25,25 @@ class RefusedInput(MlflowException, ValueError):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-class ServedClassifier(mlflow.pyfunc.PythonModel):
-    """The network rebuilt from the artifacts config.json (its ModelConfig and DatasetConfig,
+CONFIG, WEIGHTS = "config.json", "weights.pt"  # in the model's data folder
+
+
+def _load_pyfunc(data_path: str) -> ServedClassifier:
+    return ServedClassifier(Path(data_path))
+
+
+class ServedClassifier:
+    """The network rebuilt from `directory`'s config.json (its ModelConfig and DatasetConfig,
     the training split's mean and std) and weights.pt (its state dict)."""
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        config = json.loads(Path(context.artifacts["config"]).read_text())
+    def __init__(self, directory: Path) -> None:
+        config = json.loads((directory / CONFIG).read_text())
         self.model = build_classifier(**config).eval()
-        weights = torch.load(context.artifacts["weights"], weights_only=True)
+        weights = torch.load(directory / WEIGHTS, weights_only=True)
         self.model.network.load_state_dict(weights)
         self.classes = list(self.model.dataset_cfg.classes)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, model_input, params=None):
         """uint8 images N x C x H x W -> a row per image: class index, name, probabilities."""
         images = torch.as_tensor(model_input)
         self.refuse_unreadable(images)
@@ -66,6 +72,3 @@ class ServedClassifier(mlflow.pyfunc.PythonModel):
                 "input pixels are all 0 or 1, as floats in [0, 1] become when cast to the "
                 "signature's uint8; this model takes uint8 pixels 0-255 (multiply by 255 and round)"
             )
-
-
-set_model(ServedClassifier())
