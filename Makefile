@@ -106,7 +106,7 @@ gpu-check:
 
 # MLflow 3 opens in its GenAI view unless the address asks for the model-training one
 ui: install
-	@echo "runs: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	@echo "open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the model-training view)"
 	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db
 
 # the team's tracking server (PostgreSQL + proxied artifacts): see README, "Scale out"
