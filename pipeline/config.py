@@ -484,6 +484,9 @@ class TrackingConfig:
     tracking_uri: str = "${oc.env:MLFLOW_TRACKING_URI,sqlite:///mlruns/mlflow.db}"
     # one MLflow experiment per dataset by default
     experiment: str = "${dataset.name}"
+    # the training's name: its run's, its logged model's, its figures' legend (DVC: the run's
+    # key in params.yaml); null: a sweep trial is SWEEP-N, any other DATASET-BACKBONE_HEAD-ID
+    run_name: str | None = None
     log_checkpoint: bool = True  # the best checkpoint as a run artifact
     # the best weights as an MLflow model (pyfunc: config and state dict), to register and serve
     log_model: bool = True

@@ -122,8 +122,11 @@ def test_offline_profile_end_to_end_then_nothing_to_do(repo_copy: Path, first_re
     for name in ("history.csv", "predictions.csv", "resolution.csv", "confusion.png"):
         assert name in plots
     client = MlflowClient(f"sqlite:///{repo_copy / 'mlruns' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
-    assert len(runs) == len(DIGITS_RUNS)
+    experiment = client.get_experiment_by_name("digits").experiment_id
+    runs = client.search_runs([experiment])
+    # one name per training: its key names its run, its logged model and its registered model
+    assert sorted(run.info.run_name for run in runs) == sorted(DIGITS_RUNS)
+    assert sorted(m.name for m in client.search_logged_models([experiment])) == sorted(DIGITS_RUNS)
     for run in runs:  # evaluated once, by the evaluate stage, into the training's run
         logged = {item.path for item in client.list_artifacts(run.info.run_id, "evaluation")}
         assert {"evaluation/best.ckpt", "evaluation/metrics.json"} <= logged

@@ -5,7 +5,6 @@ size, the logged model and loading it where the user's package is not installed.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from pipeline.config import ModelConfig, SummaryJob
 from pipeline.errors import ConfigError
 from pipeline.models import HEADS, build_model
 from pipeline.models.summary import describe, layer_rows
+from pipeline.tracking.runs import by_size
 from pipeline.tracking.store import read_run
 from tests.conftest import MNIST, cli, dataset_config, env
 
@@ -149,7 +149,7 @@ def test_a_network_of_your_own_trains_evaluates_and_serves(own_package, tmp_path
     summary = Path(client.download_artifacts(run_id, "summary.txt", str(tmp_path)))
     assert "TinyResNet-fc: input 1x28x28 (this size only)" in summary.read_text()
     assert run.data.params["model.backbone._target_"] == "my_nets.TinyResNet"
-    sizes = [int(k[9:-2]) for k in run.data.metrics if re.fullmatch(r"test/acc_\d+px", k)]
+    sizes = list(by_size(run.data.metrics))
     assert min(sizes) < 28 < max(sizes)  # evaluated below and above its training size
 
     # the logged model, loaded where my_nets is not importable: it carries the package

@@ -79,7 +79,7 @@ def test_the_smallest_input_a_network_takes_is_reported_not_crashed_on(
     assert [row["size"] for row in evaluation.resolution] == tested
     if model == "lenet5_spp":
         assert "lenet5-spp takes inputs from 12 px: not tested at [7]" in caplog.text
-    write_reports(evaluation, module, test, tmp_path)
+    write_reports(evaluation, module, test, tmp_path, model)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["min_input_size"] == smallest
     assert metrics["fixed_size"] is (model == "lenet5")
@@ -110,9 +110,8 @@ def test_dvc_plots_show_overlays_the_digits_runs(data_dir, tmp_path):
     }
     for name, settings in runs.items():
         module = module_for(settings["model"], data_dir)
-        write_reports(
-            evaluate(module, test, [0.5, 1, 2], 1000), module, test, tmp_path / "reports" / name
-        )
+        evaluation = evaluate(module, test, [0.5, 1, 2], 1000)
+        write_reports(evaluation, module, test, tmp_path / "reports" / name, name)
     for name in ("dvc.yaml", "params.yaml"):
         (tmp_path / name).write_text((REPO / name).read_text())
     dvc = Path(sys.executable).parent / "dvc"
@@ -130,9 +129,10 @@ def test_dvc_plots_show_overlays_the_digits_runs(data_dir, tmp_path):
     values = plot["content"]["data"]["values"]
     drawn = {row["filename"] for row in values}  # one line each, named without the common prefix
     assert drawn == {f"{name}/resolution.csv" for name in runs}
+    # each curve under its training's name, the run's key
     assert {(row["model"], int(row["size"])) for row in values} >= {
-        ("lenet5-fc", 14),
-        ("lenet5-gap", 56),
-        ("lenet5-spp", 28),
-        ("lenet5_classic-fc", 56),
+        ("digits-lenet5", 14),
+        ("digits-lenet5_gap", 56),
+        ("digits-lenet5_spp", 28),
+        ("digits-lenet5_classic", 56),
     }

@@ -108,6 +108,10 @@ def test_parallel_joblib_trials_are_child_runs_of_one_sweep_run(tmp_path, data_d
     dirs = job_dirs(tmp_path)
     assert [d.name for d in dirs] == ["0", "1", "2", "3"]
     assert {read_run(d)["run_id"] for d in dirs} == {r.info.run_id for r in children}
+    # each trial named by its sweep and number, its overrides in a tag
+    names = {r.data.tags["sweep.job_num"]: r.info.run_name for r in children}
+    assert names == {n: f"{parent.info.run_name}-{n}" for n in ("0", "1", "2", "3")}
+    assert all("model.head=" in r.data.tags["sweep.overrides"] for r in children)
 
     best = assert_parent_records_the_best(client, parent, children)
     assert parent.data.params == {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import signal
 import subprocess
 import time
@@ -18,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import ModelConfig
 from pipeline.models import BACKBONES, HEADS, InputShapeError
+from pipeline.tracking.runs import by_size
 from pipeline.tracking.store import read_run
 from pipeline.training.module import Classifier
 from tests.conftest import MNIST, SHARED_RUN, cli, env, free_port, run_module, run_training
@@ -38,7 +38,9 @@ def test_run_records_params_metrics_tags_and_artifacts(shared_run):
     metrics, output_dir, uri = shared_run
     client = MlflowClient(uri)
     run = client.get_run(read_run(output_dir)["run_id"])
-    assert run.info.run_name.startswith("lenet5-fc-digits-")
+    assert run.info.run_name.startswith("digits-lenet5_fc-")  # no name given: the default
+    [model] = client.search_logged_models([run.info.experiment_id])
+    assert model.name == run.info.run_name
     assert client.get_experiment(run.info.experiment_id).name == "digits"
     # beside the store's database, not in ./mlruns of the process that created the experiment
     store_dir = Path(uri.removeprefix("sqlite:///")).parent
@@ -55,8 +57,7 @@ def test_run_records_params_metrics_tags_and_artifacts(shared_run):
     assert [f"test/acc_class/{i}" in logged for i in range(10)] == [True] * 10
     assert logged["test/acc"] == pytest.approx(metrics["test/acc"])
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 5  # one per epoch
-    sizes = sorted(int(name[9:-2]) for name in logged if re.fullmatch(r"test/acc_\d+px", name))
-    assert sizes == [14, 21, 28, 35, 42, 56, 70, 84]
+    assert list(by_size(logged)) == [14, 21, 28, 35, 42, 56, 70, 84]
     # what the run's page says first, with the accuracy at its training size
     note = run.data.tags["mlflow.note.content"]
     assert note.startswith(f"lenet5-fc on digits: test accuracy {logged['test/acc']:.2%}")
@@ -64,7 +65,6 @@ def test_run_records_params_metrics_tags_and_artifacts(shared_run):
     # its params: the values set, and not the store's address
     assert "None" not in params.values() and "mlflow.tracking_uri" not in params
     # the logged model holds every evaluation metric, of the test split it measured
-    [model] = client.search_logged_models([run.info.experiment_id])
     measured = {m.key: m for m in model.metrics}
     assert {"test/acc", "test/acc_28px", "test/min_input_size"} <= set(measured)
     assert measured["test/acc_28px"].dataset_name == "digits-test"

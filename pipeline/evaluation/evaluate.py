@@ -106,9 +106,10 @@ def evaluate(
 
 
 def write_reports(
-    evaluation: Evaluation, module: ImageClassifier, test: Split, out_dir: Path
+    evaluation: Evaluation, module: ImageClassifier, test: Split, out_dir: Path, label: str
 ) -> list[Path]:
-    """metrics.json, DVC plot data and PNG figures in `out_dir`; returns the files."""
+    """metrics.json, DVC plot data and PNG figures in `out_dir`, its curves labelled `label`
+    (the training's name); returns the files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = list(module.dataset_cfg.classes)
     metrics = {  # the row `dvc metrics show` prints for this model
@@ -131,7 +132,7 @@ def write_reports(
     with files[2].open("w", newline="") as handle:  # a run's curve in the dataset's figure
         writer = csv.DictWriter(handle, fieldnames=["model", "size", "scale", "accuracy"])
         writer.writeheader()
-        writer.writerows({"model": module.network.name, **r} for r in evaluation.resolution)
+        writer.writerows({"model": label, **r} for r in evaluation.resolution)
     figures = {
         "confusion.png": confusion_figure(evaluation.confusion, classes),
         "misclassified.png": misclassified_figure(
@@ -141,7 +142,7 @@ def write_reports(
         "resolution.png": resolution_figure(
             [
                 Curve(
-                    module.network.name,
+                    label,
                     evaluation.resolution,
                     evaluation.min_input_size,
                     module.network.fixed_size,
@@ -251,7 +252,8 @@ def evaluate_run(
     training's MLflow `run` (when it has one)."""
     evaluation = evaluate(module, test, cfg.scales, cfg.batch_size)
     with staged_files(out_dir) as staging:
-        files = write_reports(evaluation, module, test, staging)
+        label = run.name if run is not None else module.network.name
+        files = write_reports(evaluation, module, test, staging, label)
         if run is not None:
             log_to_run(run, files, evaluation, module, test)
     sizes = ", ".join(f"{r['size']}px {r['accuracy']:.4f}" for r in evaluation.resolution)

@@ -81,10 +81,12 @@ def code_paths(model: dict) -> list[str]:
     return paths
 
 
-def log_model(module: Classifier, example: torch.Tensor, step: int, checkpoint: str) -> str:
-    """Log `module` (its best weights) as the model of MLflow's active run, the training's
-    (pipeline.tracking.runs.TrainingRun keeps it active: MLflow logs a model into no other);
-    returns the model's id.
+def log_model(
+    module: Classifier, example: torch.Tensor, step: int, checkpoint: str, name: str
+) -> str:
+    """Log `module` (its best weights) as the model `name` (its training's) of MLflow's active
+    run, the training's (pipeline.tracking.runs.TrainingRun keeps it active: MLflow logs a model
+    into no other); returns the model's id.
 
     The run's metrics logged at `step` (the test's) become the model's too; `example`: a few
     test images, the input example."""
@@ -96,7 +98,7 @@ def log_model(module: Classifier, example: torch.Tensor, step: int, checkpoint: 
         (data / served_model.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         torch.save(module.model.network.state_dict(), data / served_model.WEIGHTS)
         info = mlflow.pyfunc.log_model(
-            name=f"{module.model.network.name}-{module.dataset_cfg.name}",
+            name=name,
             loader_module=served_model.__name__,
             data_path=str(data),
             code_paths=code_paths(config["model"]),

@@ -65,7 +65,9 @@ def git_commit(directory: Path) -> str:
 
 
 def run_name(backbone: str, head: str, dataset: str) -> str:
-    return f"{backbone}-{head}-{dataset}-{uuid.uuid4().hex[:6]}"
+    """A training's name when it has none: its dataset and model in the form of DVC's run keys
+    (digits-lenet5_gap), then an id of its own."""
+    return f"{dataset}-{backbone}_{head}-{uuid.uuid4().hex[:6]}"
 
 
 def size_metric(size: int) -> str:
@@ -235,6 +237,10 @@ class TrainingRun:
         self.client.log_inputs(self.id, datasets)
         experiment = self.client.get_run(self.id).info.experiment_id
         self.client.set_experiment_tag(experiment, *EXPERIMENT_KIND)
+
+    @property
+    def name(self) -> str:
+        return self.client.get_run(self.id).info.run_name
 
     def log_metric(self, key: str, value: float, step: int = 0) -> None:
         self.client.log_metric(self.id, key, value, step=step)

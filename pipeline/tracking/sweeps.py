@@ -108,6 +108,17 @@ def trial_tags() -> dict[str, str]:
     return tags
 
 
+def trial_name() -> str | None:
+    """The name of the current sweep trial's run: its sweep's (the parent run's) and its job
+    number, e.g. sweep-digits-3f2a1c-4; None outside a sweep."""
+    if not in_multirun():
+        return None
+    hydra = HydraConfig.get()
+    sweep_file = Path(hydra.sweep.dir) / SWEEP_FILE
+    sweep = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
+    return f"{sweep.get('name', 'sweep')}-{hydra.job.num}"
+
+
 def override_values(overrides: list[str]) -> dict[str, Any]:
     """{key: value} of Hydra overrides (sweeps as their sweep objects); unparsable ones as text."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -232,11 +243,15 @@ def open_sweep_run(
                 client.update_run(run_id, status="RUNNING")
                 for key, value in tags.items():
                     client.set_tag(run_id, key, value)
-                return {"run_id": run_id, "experiment_id": reopened.info.experiment_id}
+                return {
+                    "run_id": run_id,
+                    "experiment_id": reopened.info.experiment_id,
+                    "name": reopened.info.run_name,
+                }
         run = client.create_run(
             experiment, tags=tags, run_name=f"sweep-{name}-{uuid.uuid4().hex[:6]}"
         )
-        return {"run_id": run.info.run_id, "experiment_id": experiment}
+        return {"run_id": run.info.run_id, "experiment_id": experiment, "name": run.info.run_name}
 
     parent = retry(open_parent, f"opening the sweep's MLflow run in {mask_password(uri)}")
     sweep_file = sweep_dir / SWEEP_FILE

@@ -35,7 +35,7 @@ from pipeline.tracking.runs import (
     size_metric,
 )
 from pipeline.tracking.store import without_credentials
-from pipeline.tracking.sweeps import global_rank
+from pipeline.tracking.sweeps import global_rank, trial_name
 from pipeline.training.callbacks import (
     EpochHistory,
     ProgressBar,
@@ -162,7 +162,11 @@ def open_run(
     if continuation is not None:
         tags = resume_tags(continuation.changes)
         return TrainingRun.resume(uri, continuation.run_id, tags, output_dir)
-    name = run_name(cfg.model.backbone_name, cfg.model.head, cfg.dataset.name)
+    name = (
+        cfg.mlflow.run_name
+        or trial_name()
+        or run_name(cfg.model.backbone_name, cfg.model.head, cfg.dataset.name)
+    )
     return TrainingRun.start(uri, cfg.mlflow.experiment, name, run_tags or {}, output_dir)
 
 
@@ -224,7 +228,7 @@ def record(
         run.log_artifact(Path(best.best_model_path), "evaluation")
         checkpoint = f"runs:/{run.id}/evaluation/{Path(checkpoint).name}"
     if cfg.mlflow.log_model:
-        log_model(module, datamodule.splits["test"].images[:2], step, checkpoint)
+        log_model(module, datamodule.splits["test"].images[:2], step, checkpoint, run.name)
     log.info("output: %s  mlflow run: %s", output_dir, run.id)
     if not cfg.train.evaluate:
         return {}
