@@ -21,14 +21,16 @@ $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 	$(UV) sync --frozen --extra dev --python $(PYTHON)
 	touch $@
 
-# Debian's PostgreSQL (the tracking server's database) and SLURM (slurm-wlm, for the tests'
-# two-node cluster on loopback), installed where this runs as root with apt-get, without
+# Debian's PostgreSQL (the tracking server's database), SLURM (slurm-wlm, for the tests'
+# two-node cluster on loopback) and Chromium (the browser the UI test looks through), installed
+# where this runs as root with apt-get, without
 # starting the system's daemons (policy-rc.d); elsewhere, or if that fails, the tests that need
 # them are skipped, saying why (with CI=true in the environment they fail instead).
 system-packages:
 	@missing=""; \
 	command -v slurmctld >/dev/null 2>&1 || missing="$$missing slurm-wlm"; \
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
 		echo "not installed (needs root and apt-get):$$missing; their tests will skip"; \
