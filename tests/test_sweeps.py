@@ -112,6 +112,9 @@ def test_parallel_joblib_trials_are_child_runs_of_one_sweep_run(tmp_path, data_d
     names = {r.data.tags["sweep.job_num"]: r.info.run_name for r in children}
     assert names == {n: f"{parent.info.run_name}-{n}" for n in ("0", "1", "2", "3")}
     assert all("model.head=" in r.data.tags["sweep.overrides"] for r in children)
+    [best_run] = [r for r in children if r.info.run_id == parent.data.tags["best_run_id"]]
+    link = f"[{best_run.info.run_name}](#/experiments/{best_run.info.experiment_id}/runs/"
+    assert parent.data.tags["mlflow.note.content"].startswith(f"4 trials, 0 failed; best: {link}")
 
     best = assert_parent_records_the_best(client, parent, children)
     assert parent.data.params == {

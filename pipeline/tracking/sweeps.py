@@ -378,6 +378,8 @@ class SweepTracking(Callback):
         if self.closed or self.sweep_file is None:
             return
         self.closed = True
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
         from pipeline.tracking.store import tracking_client
 
         parent = json.loads(self.sweep_file.read_text())
@@ -407,6 +409,13 @@ class SweepTracking(Callback):
             for key, value in chosen_settings(overrides, sweep).items():
                 client.log_param(parent_id, f"best.{key}", value)
             tags |= {"best_run_id": best.info.run_id, "best.overrides": json.dumps(overrides)}
+            # the description, on the run's page first: the best trial as a link to its run
+            link = f"#/experiments/{best.info.experiment_id}/runs/{best.info.run_id}"
+            tags[MLFLOW_RUN_NOTE] = (
+                f"{tags['sweep.trials']} trials, {tags['sweep.trials_failed']} failed; best: "
+                f"[{best.info.run_name}]({link}), {SCORE} {best.data.metrics[SCORE]:.4f} with "
+                f"{' '.join(overrides)}"
+            )
             log.info(
                 "sweep best: %s = %.4f with %s (run %s)",
                 SCORE,
