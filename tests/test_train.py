@@ -39,7 +39,8 @@ def test_run_records_params_metrics_tags_and_artifacts(shared_run):
     client = MlflowClient(uri)
     run = client.get_run(read_run(output_dir)["run_id"])
     assert run.info.run_name.startswith("digits-lenet5_fc-")  # no name given: the default
-    [model] = client.search_logged_models([run.info.experiment_id])
+    logged_models = client.search_logged_models([run.info.experiment_id])  # other runs' too
+    [model] = [m for m in logged_models if m.source_run_id == run.info.run_id]
     assert model.name == run.info.run_name
     assert client.get_experiment(run.info.experiment_id).name == "digits"
     # beside the store's database, not in ./mlruns of the process that created the experiment
