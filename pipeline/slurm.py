@@ -10,6 +10,7 @@ optional; a small lab's cluster often has none.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import threading
@@ -63,13 +64,32 @@ class SlurmError(PipelineError):
     pass
 
 
+def shown(kind: str, name: str) -> dict[str, str]:
+    """`scontrol show KIND NAME` (a node, a job) as its fields."""
+    line = slurm("scontrol", "show", kind, "-o", name)
+    return dict(item.split("=", 1) for item in line.split() if "=" in item)
+
+
 def first_node_address(nodelist: str) -> str:
     """The address SLURM reaches the first node of `nodelist` (a job's SLURM_JOB_NODELIST,
     such as n[1-2]) at: its NodeAddr."""
     first = slurm("scontrol", "show", "hostnames", nodelist).split()[0]
-    shown = slurm("scontrol", "show", "node", "-o", first)
-    fields = dict(item.split("=", 1) for item in shown.split() if "=" in item)
-    return fields.get("NodeAddr") or first
+    return shown("node", first).get("NodeAddr") or first
+
+
+def stopped_attempt(job: str) -> str | None:
+    """How SLURM stopped this process's attempt at `job` (requeued, preempted, cancelled: its
+    state and restarts now), or None while the attempt still runs or SLURM cannot say. A
+    requeued job is COMPLETING, then PENDING, with one restart more than SLURM_RESTART_COUNT,
+    this attempt's, says."""
+    try:
+        fields = shown("job", job)
+    except SlurmError:
+        return None
+    state, restarts = fields.get("JobState"), fields.get("Restarts", "0")
+    if state == "RUNNING" and restarts == os.environ.get("SLURM_RESTART_COUNT", "0"):
+        return None
+    return f"{state}, restarts={restarts}"
 
 
 def accounting_error() -> str | None:

@@ -223,6 +223,74 @@ def test_a_trial_killed_before_its_result_ends_the_sweep_saying_so(slurm, tmp_pa
     assert recorded["FAILED"]["job"] == 0 and cancelled in recorded["FAILED"]["error"]
 
 
+def user_package(tmp: Path, name: str, source: str) -> dict[str, str]:
+    """The user's package `name` (its __init__ is `source`), and the PYTHONPATH a user would
+    export for it."""
+    package = tmp / "src" / name
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(source)
+    return {"PYTHONPATH": os.pathsep.join([str(package.parent), env()["PYTHONPATH"]])}
+
+
+# LeNet-5's maps in the user's own package. In its job's first attempt, at training batch
+# `at_batch`, it has SLURM requeue the job and fails at once: what a rank does whose peers
+# SLURM stopped first ("Connection closed by peer"), before SLURM stops it too.
+REQUEUING_PACKAGE = """
+import os
+import subprocess
+
+from torch import nn
+
+
+class RequeuingLeNet(nn.Sequential):
+    def __init__(self, in_channels: int, at_batch: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2),
+        )
+        self.batches_left = at_batch
+
+    def forward(self, x):
+        if self.training and "SLURM_RESTART_COUNT" not in os.environ:
+            self.batches_left -= 1
+            if self.batches_left == 0:
+                subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True)
+                raise RuntimeError("Connection closed by peer")
+        return super().forward(x)
+"""
+
+
+def test_a_trial_failing_as_slurm_requeues_it_leaves_no_result_and_its_next_attempt_finishes(
+    slurm, tmp_path, data_dir
+):
+    # 1,137 training images in batches of 64: 18 steps an epoch; the requeue comes in epoch 2
+    exported = user_package(tmp_path, "requeuing_nets", REQUEUING_PACKAGE)
+    sweep = start_sweep(
+        slurm,
+        tmp_path,
+        data_dir,
+        "model.backbone={_target_:requeuing_nets.RequeuingLeNet,in_channels:1,at_batch:24}",
+        "data.batch_size=64",
+        "trainer.max_epochs=3",
+        "evaluation.scales=[1.0]",
+        "mlflow.log_checkpoint=false",
+        exported=exported,
+    )
+    finish(sweep, slurm, tmp_path)
+
+    trial = tmp_path / "sweep" / "0"
+    log = (trial / "train.log").read_text()
+    (stopped,) = [line for line in log.splitlines() if "SLURM stopped this attempt" in line]
+    assert "restarts=1" in stopped and "it ends without a result" in stopped
+    assert "SLURM restarted this job" in log
+    assert [t["status"] for t in trials(tmp_path / "sweep")] == ["COMPLETED"]
+    _, _, children = sweep_runs(tmp_path)
+    assert [r.info.status for r in children] == ["FINISHED"]
+    (job,) = {r.data.tags["slurm.job_id"] for r in children}
+    assert "Restarts=1" in slurm.run("scontrol", "show", "job", job)
+    assert torch.load(trial / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 54
+
+
 # A training of about 100 s spent mostly asleep: LeNet-5's maps in the user's own package
 # (`model.backbone._target_`), pausing before each batch. It outlasts its SLURM job's first 75 s
 # on any machine, and leaves the cores to the other tests meanwhile.
@@ -259,10 +327,7 @@ TIME_LIMITED = (
 def test_trial_at_its_time_limit_is_requeued_until_it_finishes_as_if_uninterrupted(
     slurm, tmp_path, data_dir
 ):
-    package = tmp_path / "src" / "paced_nets"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text(PACED_PACKAGE)
-    exported = {"PYTHONPATH": os.pathsep.join([str(package.parent), env()["PYTHONPATH"]])}
+    exported = user_package(tmp_path, "paced_nets", PACED_PACKAGE)
     # SLURM signals a job signal_delay_s to signal_delay_s + 30 s before its time limit (it looks
     # every 30 s): here 45 to 75 s after it starts; submitit then requeues it, as often as needed
     sweep = start_sweep(

@@ -35,7 +35,7 @@ from pipeline.config import TrainJob
 from pipeline.errors import PipelineError
 from pipeline.models.backbones import backbone_entry
 from pipeline.search.study import StudyTrial
-from pipeline.slurm import first_node_address
+from pipeline.slurm import first_node_address, stopped_attempt
 from pipeline.tracking.runs import TrainingRun
 from pipeline.tracking.store import experiment_id, open_store
 from pipeline.training.fit import open_data, train
@@ -96,7 +96,10 @@ def train_as_slurm_task(
     """Train as the SLURM task this process is: SLURM starts one per rank, on every node.
 
     The run is tagged with the job and its nodes, and each task says in the log (the trial's,
-    which its tasks share) which rank it is and where it runs."""
+    which its tasks share) which rank it is and where it runs. A task that fails because SLURM
+    stopped its job (preemption, a requeue, a cancel: its ranks lose each other) exits without
+    a result, as a task killed in time would: submitit would keep an error as the job's result
+    and the sweep would read it as the trial's, while the job's next attempt resumes it."""
     job = slurm_job_id()
     nodes = os.environ["SLURM_JOB_NODELIST"]
     rank, tasks = os.environ.get("SLURM_PROCID", "0"), os.environ["SLURM_NTASKS"]
@@ -110,8 +113,15 @@ def train_as_slurm_task(
     tags = {**run_tags, "slurm.job_id": job, "slurm.nodes": nodes}
     try:
         return train(cfg, output_dir, tags, trial=trial)
-    except DistError as err:
-        raise ranks_apart(cfg, err) from err
+    except Exception as err:
+        if stopped := stopped_attempt(job):
+            log.warning(
+                "SLURM stopped this attempt at job %s (%s): it ends without a result", job, stopped
+            )
+            raise SystemExit(f"SLURM stopped job {job} ({stopped}) as it ran: {err}") from err
+        if isinstance(err, DistError):
+            raise ranks_apart(cfg, err) from err
+        raise
 
 
 def ranks_apart(cfg: TrainJob, err: DistError) -> PipelineError:
