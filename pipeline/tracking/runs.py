@@ -10,9 +10,11 @@ training's run through it without importing Lightning.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,7 +24,7 @@ import mlflow
 import numpy as np
 import yaml
 from mlflow.data.schema import TensorDatasetSchema
-from mlflow.entities import Dataset, DatasetInput, InputTag, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
@@ -76,9 +78,13 @@ def size_metric(size: int) -> str:
 
 
 def by_size(metrics: Mapping[str, float]) -> dict[int, float]:
-    """Input size -> test accuracy, from a run's or a model's metrics."""
-    sizes = (re.fullmatch(r"test/acc_(\d+)px", key) for key in metrics)
-    return dict(sorted((int(m[1]), metrics[m[0]]) for m in sizes if m))
+    """Input size -> test accuracy, from a run's or a model's metrics (`size_metric`'s)."""
+    found = {}
+    for key, value in metrics.items():
+        number = re.search(r"\d+", key)
+        if number and key == size_metric(int(number[0])):
+            found[int(number[0])] = value
+    return dict(sorted(found.items()))
 
 
 def recorded_params(config: Mapping[str, Any]) -> list[Param]:
@@ -156,6 +162,7 @@ class TrainingRun:
             log_system_metrics=True,
         )
         run = cls(client, active.info.run_id)
+        run.name = name
         run.point_at(output_dir, tracking_uri)
         return run
 
@@ -167,8 +174,9 @@ class TrainingRun:
         KILLED), with `tags` added (what the resume changed on purpose); MLflow's active run
         from here on, sampling system metrics."""
         client = fluent_store(tracking_uri)
-        mlflow.start_run(run_id, log_system_metrics=True)
+        active = mlflow.start_run(run_id, log_system_metrics=True)
         run = cls(client, run_id)
+        run.name = active.info.run_name
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
         run.point_at(output_dir, tracking_uri)
@@ -238,8 +246,9 @@ class TrainingRun:
         experiment = self.client.get_run(self.id).info.experiment_id
         self.client.set_experiment_tag(experiment, *EXPERIMENT_KIND)
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
+        """The run's name (known from the start when this process started or resumed it)."""
         return self.client.get_run(self.id).info.run_name
 
     def log_metric(self, key: str, value: float, step: int = 0) -> None:
@@ -254,12 +263,13 @@ class TrainingRun:
     def log_evaluation(self, metrics: Mapping[str, float], dataset: tuple[str, str]) -> None:
         """Evaluation `metrics` of the test split `dataset` (name, digest): the run's, and its
         logged model's when it has one (the model's page lists them and the data they measure)."""
-        model_id = self.logged_model_id()
-        name, digest = dataset
-        for key, value in metrics.items():
-            self.client.log_metric(
-                self.id, key, value, dataset_name=name, dataset_digest=digest, model_id=model_id
-            )
+        model_id, (name, digest) = self.logged_model_id(), dataset
+        now = int(time.time() * 1000)  # MLflow's timestamps: milliseconds
+        measured = [
+            Metric(key, value, now, 0, model_id=model_id, dataset_name=name, dataset_digest=digest)
+            for key, value in metrics.items()
+        ]
+        self.client.log_batch(self.id, metrics=measured)
 
     def describe(self, text: str) -> None:
         """The run's description, what the UI shows first on its page."""

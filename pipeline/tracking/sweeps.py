@@ -100,11 +100,14 @@ def trial_tags() -> dict[str, str]:
         "sweep.job_num": str(hydra.job.num),
         "sweep.overrides": json.dumps(list(hydra.overrides.task)),
     }
-    sweep_file = Path(hydra.sweep.dir) / SWEEP_FILE
-    if sweep_file.is_file():
-        tags[PARENT_TAG] = json.loads(sweep_file.read_text())["run_id"]
+    sweep = sweep_record(Path(hydra.sweep.dir))
+    if sweep:
+        tags[PARENT_TAG] = sweep["run_id"]
     else:
-        log.warning("%s not found: this trial's run will not be grouped under a sweep", sweep_file)
+        log.warning(
+            "%s not found: this trial's run will not be grouped under a sweep",
+            Path(hydra.sweep.dir) / SWEEP_FILE,
+        )
     return tags
 
 
@@ -114,9 +117,14 @@ def trial_name() -> str | None:
     if not in_multirun():
         return None
     hydra = HydraConfig.get()
-    sweep_file = Path(hydra.sweep.dir) / SWEEP_FILE
-    sweep = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
-    return f"{sweep.get('name', 'sweep')}-{hydra.job.num}"
+    return f"{sweep_record(Path(hydra.sweep.dir)).get('name', 'sweep')}-{hydra.job.num}"
+
+
+def sweep_record(sweep_dir: Path) -> dict[str, str]:
+    """The sweep's parent run (its id and name) as `sweep_dir`'s sweep_run.json has it; {}
+    when the sweep has none."""
+    sweep_file = sweep_dir / SWEEP_FILE
+    return json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
 
 
 def override_values(overrides: list[str]) -> dict[str, Any]:
@@ -217,6 +225,7 @@ def open_sweep_run(
     finds it; returns the id. Created before any trial, with the store and the experiment,
     so that trials started at once in several processes never race to create them."""
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking.context.registry import resolve_tags
 
     from pipeline.tracking.store import experiment_id, open_store
 
@@ -248,8 +257,9 @@ def open_sweep_run(
                     "experiment_id": reopened.info.experiment_id,
                     "name": reopened.info.run_name,
                 }
+        # with the tags MLflow's own start_run adds (the UI's Created by, Source, git commit)
         run = client.create_run(
-            experiment, tags=tags, run_name=f"sweep-{name}-{uuid.uuid4().hex[:6]}"
+            experiment, tags=resolve_tags(tags), run_name=f"sweep-{name}-{uuid.uuid4().hex[:6]}"
         )
         return {"run_id": run.info.run_id, "experiment_id": experiment, "name": run.info.run_name}
 
