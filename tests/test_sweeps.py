@@ -5,6 +5,7 @@ parallel trials (joblib), an Optuna search with a diverging trial, trials that e
 
 from __future__ import annotations
 
+import getpass
 import json
 import subprocess
 from pathlib import Path
@@ -122,6 +123,9 @@ def test_parallel_joblib_trials_are_child_runs_of_one_sweep_run(tmp_path, data_d
         "best.optimizer.lr": best.data.params["optimizer.lr"],
     }
     assert parent.data.tags["sweep.launcher"] == "JoblibLauncher"
+    # the UI's Created by and Source, as MLflow sets them on every run it starts
+    assert parent.data.tags["mlflow.user"] == getpass.getuser()
+    assert parent.data.tags["mlflow.source.name"].endswith("pipeline/train.py")
     assert "multirun.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert (
         parent.data.tags["sweep.trials"] == "4" and parent.data.tags["sweep.trials_failed"] == "0"
