@@ -5,12 +5,12 @@ the plainest PyTorch equivalent in the same process:
 - loading a preprocessed split of MNIST's size (70,000 x 1 x 28 x 28 uint8) into memory;
 - training LeNet-5 on MNIST-shaped data (or AlexNet on CIFAR-shaped data, as the DVC grid
   trains it): `pipeline.training.fit.train` itself (its Trainer, callbacks, progress bar and
-  MLflow run, in a temporary sqlite store), eager and compiled (`trainer.compile=true`), each
-  against a hand-written eager loop over the same network,
-  data, batch size, optimizer and threads.
+  MLflow run, in a temporary sqlite store), eager and compiled (`trainer.compile=true`), and
+  the same network as the plainest LightningModule (what Lightning alone costs), each against
+  a hand-written eager loop over the same network, data, batch size, optimizer and threads.
 
 Each training alternates with the plain loop step by step in one process (a plain step runs
-at the end of each of the pipeline's steps), so the jitter of a shared machine hits both
+at the end of each of the training's steps), so the jitter of a shared machine hits both
 alike; the figures are totals over the epochs after a warm-up epoch, validation and
 checkpointing left out. Compiling happens in the warm-up epoch: its compile time is what that
 epoch's steps took beyond the steady state's pace. On a GPU each step ends with a
@@ -39,7 +39,7 @@ from pipeline.data.datamodule import Batches
 from pipeline.data.preprocess import describe
 from pipeline.data.store import Split, load_split, read_meta, save_split, write_meta
 from pipeline.models import build_model
-from pipeline.training.fit import train
+from pipeline.training.fit import open_data, train
 from pipeline.training.optim import build_optimizer
 
 # the trainings it times: model and dataset overrides, as params.yaml's grid trains them
@@ -113,6 +113,15 @@ def write_dataset(cfg: TrainJob, train_images: int) -> None:
     write_meta(directory, describe(splits, cfg.dataset))
 
 
+def normalisation(cfg: TrainJob, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training split's mean and std in 0-255 pixels, shaped to broadcast over batches."""
+    meta = read_meta(cfg.paths.processed_dir(cfg.dataset.name))
+    return tuple(  # type: ignore[return-value]
+        torch.tensor(meta[key], device=device).view(1, -1, 1, 1) * 255
+        for key in ("train_mean", "train_std")
+    )
+
+
 class PlainLoop:
     """The same training as a bare PyTorch loop: network, optimizer, normalisation, batches."""
 
@@ -122,11 +131,7 @@ class PlainLoop:
         split = Split(*(t.to(device) for t in load_split(directory, "train")))
         self.network = build_model(cfg.model, cfg.dataset).to(device)
         self.optimizer = build_optimizer(self.network.parameters(), cfg.optimizer)
-        meta = read_meta(directory)
-        self.mean, self.std = (
-            torch.tensor(meta[key], device=device).view(1, -1, 1, 1) * 255
-            for key in ("train_mean", "train_std")
-        )
+        self.mean, self.std = normalisation(cfg, device)
         epochs = (Batches(split, cfg.data.batch_size, shuffle=True) for _ in itertools.count())
         self.batches = itertools.chain.from_iterable(epochs)
 
@@ -138,22 +143,44 @@ class PlainLoop:
         self.optimizer.step()
 
 
-class Interleave(L.Callback):
-    """Runs a plain-loop step after each of the pipeline's steps and adds up the time of each.
+class MinimalModule(L.LightningModule):
+    """The same training as the plainest LightningModule, under a Trainer with nothing on
+    (no logger, checkpoints, progress bar or validation): what Lightning itself costs a step,
+    so that the pipeline's own cost is the rest."""
 
-    A pipeline step is timed from the end of one plain step to the start of the next, so it
+    def __init__(self, cfg: TrainJob) -> None:
+        super().__init__()
+        self.network = build_model(cfg.model, cfg.dataset)
+        self.optimizer_cfg = cfg.optimizer
+        mean, std = normalisation(cfg, "cpu")
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(self.network((images.float() - self.mean) / self.std), labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.parameters(), self.optimizer_cfg)
+
+
+class Interleave(L.Callback):
+    """Runs a plain-loop step after each step of the training it is a callback of (the
+    pipeline's, or the MinimalModule's) and adds up the time of each.
+
+    A training step is timed from the end of one plain step to the start of the next, so it
     holds everything Lightning does per batch (fetching, hooks, logging, progress bar).
     """
 
     def __init__(self, plain: PlainLoop) -> None:
         self.plain = plain
-        self.seconds = {"pipeline": 0.0, "plain": 0.0}
+        self.seconds = {"training": 0.0, "plain": 0.0}
         self.images = 0
-        self.warmup = (0.0, 0)  # the warm-up epoch's pipeline seconds and images
+        self.warmup = (0.0, 0)  # the warm-up epoch's training seconds and images
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == 1:  # epoch 0 was the warm-up
-            self.warmup = (self.seconds["pipeline"], self.images)
+            self.warmup = (self.seconds["training"], self.images)
             self.seconds = dict.fromkeys(self.seconds, 0.0)
             self.images = 0
         self.mark = self.now(pl_module.device)
@@ -162,7 +189,7 @@ class Interleave(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, _: int
     ) -> None:
         start = self.now(pl_module.device)
-        self.seconds["pipeline"] += start - self.mark
+        self.seconds["training"] += start - self.mark
         self.plain.step()
         self.mark = self.now(pl_module.device)
         self.seconds["plain"] += self.mark - start
@@ -175,19 +202,44 @@ class Interleave(L.Callback):
         return time.perf_counter()
 
     def rate(self, side: str) -> float:
-        """Steady-state images/s of the pipeline or the plain loop."""
+        """Steady-state images/s of the training or of the plain loop."""
         return self.images / self.seconds[side]
+
+    def pace(self) -> float:
+        """The training's images/s over its interleaved plain loop's."""
+        return self.rate("training") / self.rate("plain")
 
     def warmup_excess(self) -> float:
         """Seconds the warm-up epoch's steps took beyond the steady pace: compiling, mostly."""
         seconds, images = self.warmup
-        return seconds - images / self.rate("pipeline")
+        return seconds - images / self.rate("training")
 
 
 def bench_training(cfg: TrainJob, output_dir: Path) -> Interleave:
     """The training of `cfg`, each of its steps followed by a plain one."""
     interleave = Interleave(PlainLoop(cfg))
     train(cfg, output_dir, extra_callbacks=[interleave])
+    return interleave
+
+
+def bench_minimal(cfg: TrainJob, output_dir: Path) -> Interleave:
+    """`cfg`'s network, data and optimizer as a MinimalModule, each of its steps followed by
+    a plain one."""
+    L.seed_everything(cfg.seed)
+    interleave = Interleave(PlainLoop(cfg))
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        max_epochs=cfg.trainer.max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[interleave],
+        default_root_dir=output_dir,
+    )
+    trainer.fit(MinimalModule(cfg), open_data(cfg))
     return interleave
 
 
@@ -218,43 +270,50 @@ def main() -> None:
     print("\n\n".join(tables))
 
 
+# the trainings timed at each batch size, each interleaved with its own plain loop
+SIDES = ("minimal", "eager", "compiled")
+
+
 def training_table(
     model: str, device: str, images: int, epochs: int, batch_sizes: list[int], directory: Path
 ) -> str:
-    """Times `model`'s training, eager and compiled, at each batch size; returns `report`."""
-    timed: dict[int, dict[bool, Interleave]] = {}
+    """Times `model`'s training as a MinimalModule and as the pipeline's, eager and compiled,
+    at each batch size; returns `report`."""
+    timed: dict[int, dict[str, Interleave]] = {}
     for batch_size in batch_sizes:
-        for compile in (False, True):
+        for side in SIDES:
+            compile = side == "compiled"
             cfg = training_config(model, batch_size, directory, epochs, device, compile)
             write_dataset(cfg, images)
-            run_dir = directory / f"{model}-batch-{batch_size}-compile-{compile}"
-            timed.setdefault(batch_size, {})[compile] = bench_training(cfg, run_dir)
+            run_dir = directory / f"{model}-batch-{batch_size}-{side}"
+            bench = bench_minimal if side == "minimal" else bench_training
+            timed.setdefault(batch_size, {})[side] = bench(cfg, run_dir)
     return report(f"{model} on {cfg.dataset.name}-shaped data", timed, device, epochs, images)
 
 
 def report(
-    what: str, timed: dict[int, dict[bool, Interleave]], device: str, epochs: int, images: int
+    what: str, timed: dict[int, dict[str, Interleave]], device: str, epochs: int, images: int
 ) -> str:
-    """Images/s per batch size of the plain eager loop (over both trainings' steps), the
-    pipeline eager and compiled (ratios: to the plain steps interleaved with each), and the
-    compiled training's compile time."""
+    """Images/s per batch size of the plain eager loop (over all the trainings' plain steps),
+    the minimal LightningModule, the pipeline eager and compiled (each `x plain`: to the plain
+    steps interleaved with it), the pipeline eager to the minimal module (`x minimal`: the
+    pipeline's own cost), and the compiled training's compile time."""
     lines = [
         f"{what}, training on {device}, {torch.get_num_threads()} threads, {epochs} timed epochs "
         f"of {images:,} images, interleaved step by step with a plain eager loop:",
-        f"{'batch':>6} {'plain eager img/s':>18} {'pipeline eager':>15} {'ratio':>6} "
-        f"{'pipeline compiled':>18} {'ratio':>6} {'compile s':>10}",
+        f"{'batch':>6} {'plain img/s':>12} {'minimal':>9} {'x plain':>8} {'pipeline':>9} "
+        f"{'x plain':>8} {'x minimal':>10} {'compiled':>9} {'x plain':>8} {'compile s':>10}",
     ]
     for batch_size, runs in timed.items():
-        eager, compiled = runs[False], runs[True]
         plain = sum(r.images for r in runs.values()) / sum(
             r.seconds["plain"] for r in runs.values()
         )
+        minimal, eager, compiled = (runs[side] for side in SIDES)
         lines.append(
-            f"{batch_size:>6} {plain:>18,.0f} {eager.rate('pipeline'):>15,.0f} "
-            f"{eager.rate('pipeline') / eager.rate('plain'):>6.2f} "
-            f"{compiled.rate('pipeline'):>18,.0f} "
-            f"{compiled.rate('pipeline') / compiled.rate('plain'):>6.2f} "
-            f"{compiled.warmup_excess():>10.1f}"
+            f"{batch_size:>6} {plain:>12,.0f} {minimal.rate('training'):>9,.0f} "
+            f"{minimal.pace():>8.2f} {eager.rate('training'):>9,.0f} {eager.pace():>8.2f} "
+            f"{eager.pace() / minimal.pace():>10.2f} {compiled.rate('training'):>9,.0f} "
+            f"{compiled.pace():>8.2f} {compiled.warmup_excess():>10.1f}"
         )
     return "\n".join(lines)
 

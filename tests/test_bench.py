@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from benchmarks.bench import bench_training, report, training_config, write_dataset
+from benchmarks.bench import (
+    bench_minimal,
+    bench_training,
+    report,
+    training_config,
+    write_dataset,
+)
 
 IMAGES = 128  # two batches an epoch
 
@@ -30,12 +36,27 @@ def test_the_training_and_the_plain_loop_alternate_step_by_step(tmp_path, model)
 
     assert interleave.warmup[1] == IMAGES  # the warm-up epoch, kept apart for the compile time
 
-    # the same Interleave as both columns: each ratio is its pipeline over its plain steps
+    minimal = bench_minimal(cfg, tmp_path / "minimal")
+    assert minimal.images == 2 * IMAGES and all(s > 0 for s in minimal.seconds.values())
+
+    # each column's ratio is its training over the plain steps interleaved with it
     table = report(
-        model, {64: {False: interleave, True: interleave}}, "cpu", epochs=2, images=IMAGES
+        model,
+        {64: {"minimal": minimal, "eager": interleave, "compiled": interleave}},
+        "cpu",
+        epochs=2,
+        images=IMAGES,
     )
-    batch, plain, eager, ratio, compiled, compiled_ratio, _ = table.splitlines()[-1].split()
-    assert plain == f"{interleave.rate('plain'):,.0f}"
-    pace = interleave.rate("pipeline") / interleave.rate("plain")
-    assert batch == "64" and float(ratio) == float(compiled_ratio) == pytest.approx(pace, abs=0.01)
-    assert eager == compiled == f"{interleave.rate('pipeline'):,.0f}"
+    row = table.splitlines()[-1].split()
+    batch, plain, minimal_rate, minimal_pace, eager, pace, own_cost, compiled, compiled_pace = row[
+        :9
+    ]
+    both = (minimal.images + 2 * interleave.images) / (
+        minimal.seconds["plain"] + 2 * interleave.seconds["plain"]
+    )
+    assert batch == "64" and plain == f"{both:,.0f}"
+    assert eager == compiled == f"{interleave.rate('training'):,.0f}"
+    assert float(pace) == float(compiled_pace) == pytest.approx(interleave.pace(), abs=0.01)
+    assert minimal_rate == f"{minimal.rate('training'):,.0f}"
+    assert float(minimal_pace) == pytest.approx(minimal.pace(), abs=0.01)
+    assert float(own_cost) == pytest.approx(interleave.pace() / minimal.pace(), abs=0.01)
