@@ -226,6 +226,7 @@ def bench_minimal(cfg: TrainJob, output_dir: Path) -> Interleave:
     """`cfg`'s network, data and optimizer as a MinimalModule, each of its steps followed by
     a plain one."""
     L.seed_everything(cfg.seed)
+    torch.set_float32_matmul_precision("high")  # as `train` sets it, for both sides alike
     interleave = Interleave(PlainLoop(cfg))
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
