@@ -59,6 +59,9 @@ def test_run_records_params_metrics_tags_and_artifacts(shared_run):
     assert logged["test/acc"] == pytest.approx(metrics["test/acc"])
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 5  # one per epoch
     assert list(by_size(logged)) == [14, 21, 28, 35, 42, 56, 70, 84]
+    # where its time went, phase by phase
+    phases = ("fit", "test", "model", "evaluation")
+    assert all(logged[f"time/{phase}_s"] > 0 for phase in phases)
     # what the run's page says first, with the accuracy at its training size
     note = run.data.tags["mlflow.note.content"]
     assert note.startswith(f"lenet5-fc on digits: test accuracy {logged['test/acc']:.2%}")

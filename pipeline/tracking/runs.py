@@ -254,6 +254,11 @@ class TrainingRun:
     def log_metric(self, key: str, value: float, step: int = 0) -> None:
         self.client.log_metric(self.id, key, value, step=step)
 
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        """`metrics` at step 0, in one write."""
+        now = int(time.time() * 1000)  # MLflow's timestamps: milliseconds
+        self.client.log_batch(self.id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+
     def logged_model_id(self) -> str | None:
         """The id of the MLflow model this run logged (its last, if several); None if none."""
         outputs = self.client.get_run(self.id).outputs
@@ -264,7 +269,7 @@ class TrainingRun:
         """Evaluation `metrics` of the test split `dataset` (name, digest): the run's, and its
         logged model's when it has one (the model's page lists them and the data they measure)."""
         model_id, (name, digest) = self.logged_model_id(), dataset
-        now = int(time.time() * 1000)  # MLflow's timestamps: milliseconds
+        now = int(time.time() * 1000)
         measured = [
             Metric(key, value, now, 0, model_id=model_id, dataset_name=name, dataset_digest=digest)
             for key, value in metrics.items()

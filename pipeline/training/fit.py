@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -120,12 +121,15 @@ def fit_and_test(
         plugins=[VerifiedCheckpointIO()],
     )
     checkpoint = continuation.checkpoint if continuation else None
-    trainer.fit(module, datamodule, ckpt_path=checkpoint)
+    phases = Phases()
+    with phases("fit"):
+        trainer.fit(module, datamodule, ckpt_path=checkpoint)
     if divergence.epoch is not None:
         return stop_diverged(cfg, run, divergence, best, checkpoint)
     if pruning and pruning.epoch is not None:
         return stop_pruned(run, pruning.epoch, best)
-    trainer.test(module, datamodule, ckpt_path=best.best_model_path, verbose=run is not None)
+    with phases("test"):
+        trainer.test(module, datamodule, ckpt_path=best.best_model_path, verbose=run is not None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["val/acc_best"] = float(best.best_model_score or 0.0)
     if run is not None:
@@ -138,8 +142,24 @@ def fit_and_test(
             output_dir,
             metrics["val/acc_best"],
             trainer.global_step,
+            phases,
         )
+        run.log_metrics(phases.seconds)
     return metrics
+
+
+class Phases:
+    """The seconds each phase of a training took, as metrics (time/fit_s, time/test_s,
+    time/model_s, time/evaluation_s): where a training's time went, beside its start-up."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[f"time/{phase}_s"] = round(time.perf_counter() - start, 3)
 
 
 def strategy(trainer: TrainerConfig) -> str | DDPStrategy:
@@ -217,6 +237,7 @@ def record(
     output_dir: Path,
     best_score: float,
     step: int,
+    phases: Phases,
 ) -> dict[str, float]:
     """Rank 0, after testing: the best score and checkpoint to the run, its MLflow model, then
     the evaluation (`module` holds the best weights: trainer.test loaded them); returns its
@@ -228,12 +249,14 @@ def record(
         run.log_artifact(Path(best.best_model_path), "evaluation")
         checkpoint = f"runs:/{run.id}/evaluation/{Path(checkpoint).name}"
     if cfg.mlflow.log_model:
-        log_model(module, datamodule.splits["test"].images[:2], step, checkpoint, run.name)
+        with phases("model"):
+            log_model(module, datamodule.splits["test"].images[:2], step, checkpoint, run.name)
     log.info("output: %s  mlflow run: %s", output_dir, run.id)
     if not cfg.train.evaluate:
         return {}
     test = datamodule.splits["test"]
-    evaluation = evaluate_run(module.model, test, cfg.evaluation, output_dir / "eval", run)
+    with phases("evaluation"):
+        evaluation = evaluate_run(module.model, test, cfg.evaluation, output_dir / "eval", run)
     return {size_metric(r["size"]): r["accuracy"] for r in evaluation.resolution}
 
 
