@@ -78,12 +78,14 @@ def training_config(
     epochs: int,
     device: str,
     compile: bool = False,
+    cuda_graph: bool = False,
 ) -> TrainJob:
     """The training of `model` (a key of MODELS), `epochs` epochs after a warm-up one, all files
     in `directory`."""
     overrides = [
         *MODELS[model],
         f"trainer.compile={compile}",
+        f"trainer.cuda_graph={cuda_graph}",
         "dataset.val_size=1000",
         f"data.batch_size={batch_size}",
         f"paths.data_dir={directory}",
@@ -331,10 +333,12 @@ def training_table(
     """Times `model`'s training as a MinimalModule and as the pipeline's, eager and compiled,
     at each batch size; returns `report`."""
     timed: dict[int, dict[str, Interleave]] = {}
+    sides = (*SIDES, "graphed") if device == "cuda" else SIDES
     for batch_size in batch_sizes:
-        for side in SIDES:
-            compile = side == "compiled"
-            cfg = training_config(model, batch_size, directory, epochs, device, compile)
+        for side in sides:
+            cfg = training_config(
+                model, batch_size, directory, epochs, device, side == "compiled", side == "graphed"
+            )
             write_dataset(cfg, images)
             run_dir = directory / f"{model}-batch-{batch_size}-{side}"
             bench = bench_minimal if side == "minimal" else bench_training
@@ -342,13 +346,17 @@ def training_table(
     table = report(f"{model} on {cfg.dataset.name}-shaped data", timed, device, epochs, images)
     if device != "cuda":
         return table
-    lines = ["the plain loop's whole step as one CUDA graph, alternating with the eager one:"]
+    lines = [
+        "whole steps as CUDA graphs: the pipeline's (trainer.cuda_graph=true, against its "
+        "interleaved plain eager loop) and the plain loop's (alternating with the eager one):"
+    ]
     for batch_size in batch_sizes:
-        cfg = training_config(model, batch_size, directory, epochs, device)
-        eager, graph = graph_floor(cfg)
+        graphed = timed[batch_size]["graphed"]
+        eager, graph = graph_floor(training_config(model, batch_size, directory, epochs, device))
         lines.append(
-            f"{batch_size:>6} {eager:>12,.0f} eager, {graph:>9,.0f} as a graph: "
-            f"{graph / eager:.2f} x eager"
+            f"{batch_size:>6} pipeline {graphed.rate('training'):>9,.0f} img/s "
+            f"({graphed.pace():.2f} x plain eager); plain loop {graph:>9,.0f} img/s "
+            f"({graph / eager:.2f} x plain eager)"
         )
     return "\n".join([table, *lines])
 

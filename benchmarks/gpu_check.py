@@ -7,15 +7,17 @@ training code, and fails loudly:
    on the CPU, over the same seeds: the GPU's mean test accuracy on par with the CPU's, within
    3 standard errors of their difference (the seeds' own spread, measured here) or 0.5 points,
    whichever is wider; one seed's accuracy is a coin toss over 360 test images (the CPU
-   recipe's seeds range over 2.5 points), so no check rests on one;
+   recipe's seeds range over 2.5 points), so no check rests on one; and the same recipe with
+   `trainer.cuda_graph=true` on par with `trainer=gpu`;
 2. the same with `trainer=ddp` on one GPU: an NCCL process group of world size 1, a training
    that learns (>= 95%, 2 points under the CPU recipe's worst seed);
 3. time to accuracy: `python -m pipeline.train experiment=digits trainer=gpu` from its start
    to a finished training, and how much of it went to start-up, fitting, testing, logging the
    model and evaluating (the run's time/* metrics);
 4. the benchmark on the GPU: LeNet-5 on MNIST-shaped and AlexNet on CIFAR-shaped data, images/s
-   of a plain loop, the minimal LightningModule and the pipeline, eager and compiled, side by
-   side, and the plain loop's whole step as one CUDA graph (benchmarks/bench.py).
+   of a plain loop, the minimal LightningModule and the pipeline, eager, compiled and with
+   CUDA graphs, side by side, and the plain loop's whole step as one CUDA graph
+   (benchmarks/bench.py).
 The report goes to stdout and, with --out, to a file; the exit status is 1 if a check failed.
 """
 
@@ -44,6 +46,8 @@ from pipeline.data.fetch import fetch
 from pipeline.data.preprocess import preprocess
 from pipeline.tracking.store import read_run
 from pipeline.training.fit import train
+
+GRAPHED = "trainer=gpu trainer.cuda_graph=true"
 
 
 class Probe(L.Callback):
@@ -97,20 +101,26 @@ def accuracy_check(
 ) -> tuple[list[str], list[str]]:
     """(report lines, problems) of the digits recipe on the GPU against the CPU, seed by seed."""
     expected = {"batch device": "cuda:0", "precision": "bf16-mixed"} if cuda else {}
-    accuracy: dict[str, list[float]] = {"trainer=gpu": [], "trainer=cpu": []}
+    recipes = {"trainer=gpu": ["trainer=gpu", *accelerator], "trainer=cpu": ["trainer=cpu"]}
+    comparisons = [("trainer=gpu", "trainer=cpu")]
+    if cuda:  # the config refuses CUDA graphs anywhere else
+        recipes[GRAPHED] = ["trainer=gpu", "trainer.cuda_graph=true"]
+        comparisons.append((GRAPHED, "trainer=gpu"))
+    accuracy: dict[str, list[float]] = {recipe: [] for recipe in recipes}
     lines, problems = [], []
     for seed in range(seeds):
-        for recipe, overrides in (("trainer=gpu", accelerator), ("trainer=cpu", [])):
-            name = f"{recipe.replace('=', '-')}-seed-{seed}"
-            seen = digits_training(name, [recipe, f"seed={seed}", *overrides], directory)
-            if recipe == "trainer=gpu":
+        for recipe, overrides in recipes.items():
+            name = f"{recipe.replace('=', '-').replace(' ', '-')}-seed-{seed}"
+            seen = digits_training(name, [*overrides, f"seed={seed}"], directory)
+            if recipe != "trainer=cpu":
                 problems += failures(f"{recipe}, seed {seed}", seen, expected, 0.95)
             accuracy[recipe].append(float(seen["test/acc"]))
             lines.append(f"LeNet-5 on digits, {recipe}, seed {seed}: " + describe(seen))
-    same, said = on_par(accuracy["trainer=gpu"], accuracy["trainer=cpu"])
-    lines.append(f"trainer=gpu against trainer=cpu over {seeds} seeds: {said}")
-    if not same:
-        problems.append(f"trainer=gpu is not on par with trainer=cpu on digits: {said}")
+    for recipe, reference in comparisons:
+        same, said = on_par(accuracy[recipe], accuracy[reference])
+        lines.append(f"{recipe} against {reference} over {seeds} seeds: {said}")
+        if not same:
+            problems.append(f"{recipe} is not on par with {reference} on digits: {said}")
     return lines, problems
 
 

@@ -310,6 +310,11 @@ class TrainerConfig:
     # compiled training steps of these networks no faster, on CPU or on an H200, after tens of
     # seconds of compiling
     compile: bool = False
+    # capture each training step's forward and backward pass as a CUDA graph, replayed for
+    # every batch of its shape (one graph per input size), the optimizer stepping after it as
+    # one fused kernel: a small network's GPU step is bound by launching its kernels one by one
+    # (make gpu-check). One GPU, 32-true or bf16-mixed precision, not compiled
+    cuda_graph: bool = False
     # CPU threads of this training (torch's intra-op pool); null: torch's own choice (every
     # core, or OMP_NUM_THREADS). A search packing trials onto this machine sets each one's share
     threads: int | None = None
@@ -342,6 +347,8 @@ class TrainerConfig:
                 self.device,
                 "null, or a GPU index >= 0 with trainer.devices=1 on a GPU accelerator",
             )
+        if self.cuda_graph:
+            self.check_cuda_graph()
         if self.early_stopping_patience is not None:
             require(
                 self.early_stopping_patience >= 1,
@@ -349,6 +356,33 @@ class TrainerConfig:
                 self.early_stopping_patience,
                 "null or an integer >= 1",
             )
+
+    def check_cuda_graph(self) -> None:
+        """trainer.cuda_graph=true where a captured step replays what the eager one does."""
+        refused = [
+            (
+                self.accelerator not in ("gpu", "cuda"),
+                f"trainer.accelerator={self.accelerator}: a CUDA graph replays GPU work",
+            ),
+            (
+                self.strategy == "ddp" or self.world_size > 1,
+                "DDP: its backward pass exchanges gradients between the ranks as it goes",
+            ),
+            (
+                self.precision not in ("32-true", "bf16-mixed"),
+                f"trainer.precision={self.precision}: its gradient scaler decides each step on "
+                "the host",
+            ),
+            (self.compile, "trainer.compile=true: torch.compile makes graphs of its own"),
+        ]
+        reasons = [reason for bad, reason in refused if bad]
+        require(
+            not reasons,
+            "trainer.cuda_graph",
+            True,
+            "true on one GPU with 32-true or bf16-mixed precision, not compiled; here: "
+            + "; ".join(reasons),
+        )
 
     @property
     def world_size(self) -> int:
@@ -359,6 +393,7 @@ class TrainerConfig:
         args = asdict(self)
         del args["early_stopping_patience"]  # a callback's setting
         del args["compile"]  # applied to the network (pipeline.training.fit)
+        del args["cuda_graph"]  # the module's way of stepping (pipeline.training.module)
         del args["threads"]  # torch's setting (pipeline.training.fit)
         del args["ddp_timeout_s"]  # the DDP strategy's (pipeline.training.fit)
         if args.pop("device") is not None:

@@ -59,6 +59,23 @@ def test_bad_config_fails_at_start_naming_the_key(override: str, named: str):
         train_config(override)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        ((), "trainer.accelerator=cpu: a CUDA graph replays GPU work"),
+        (("trainer=gpu", "trainer.strategy=ddp"), "DDP: its backward pass exchanges gradients"),
+        (("trainer=gpu", "trainer.precision=16-mixed"), "its gradient scaler decides each step"),
+        (("trainer=gpu", "trainer.compile=true"), "torch.compile makes graphs of its own"),
+    ],
+)
+def test_cuda_graphs_are_refused_at_start_where_a_replay_would_differ(overrides, why):
+    with pytest.raises(ConfigError, match=r"trainer\.cuda_graph") as refused:
+        train_config(*overrides, "trainer.cuda_graph=true")
+    assert why in str(refused.value)
+    # on one GPU, bf16 or float32, the config stands (its graphs need the GPU only to run)
+    assert train_config("trainer=gpu", "trainer.cuda_graph=true").trainer.cuda_graph
+
+
 def test_bad_registered_model_name_fails_at_start_naming_the_key():
     with pytest.raises(ConfigError, match="'register'"):
         compose_config("evaluate", EvaluateJob, ["run_dir=runs/x", "register=a/b"])

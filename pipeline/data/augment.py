@@ -50,16 +50,15 @@ def training_heights(height: int, scale_range: list[float]) -> tuple[int, int]:
     return round(height * scale_range[0]), round(height * scale_range[1])
 
 
-def random_size(images: torch.Tensor, heights: tuple[int, int]) -> torch.Tensor:
-    """Resize the batch to one height drawn from `heights` (inclusive), keeping the aspect
-    ratio. Log-uniform: each factor of size as often (21 to 28 px as often as 42 to 56), since
-    a convolution sees scale as a ratio; the ends are drawn as often as their neighbours."""
+def draw_height(heights: tuple[int, int]) -> int:
+    """One height from `heights` (inclusive), drawn on the host. Log-uniform: each factor of
+    size as often (21 to 28 px as often as 42 to 56), since a convolution sees scale as a
+    ratio; the ends are drawn as often as their neighbours."""
     low, high = heights
-    if low == high == images.shape[-2]:
-        return images
+    if low == high:
+        return low
     log_size = torch.empty(()).uniform_(math.log(low - 0.5), math.log(high + 0.5))
-    height = min(max(round(math.exp(log_size.item())), low), high)
-    return resize_to_height(images, height)
+    return min(max(round(math.exp(log_size.item())), low), high)
 
 
 def resize_to_height(images: torch.Tensor, height: int) -> torch.Tensor:
@@ -70,6 +69,16 @@ def resize_to_height(images: torch.Tensor, height: int) -> torch.Tensor:
 def augment(images: torch.Tensor, cfg: AugmentConfig, heights: tuple[int, int]) -> torch.Tensor:
     """The training batch as `cfg` augments it: flips, then shifts, then a height drawn from
     `heights` (the network's `training_heights`; one height for a fixed-size network)."""
+    moved = flip_and_shift(images, cfg)
+    return resize_to_height(moved, draw_height(heights))
+
+
+def augment_to(images: torch.Tensor, cfg: AugmentConfig, height: int) -> torch.Tensor:
+    """`augment` with its height drawn already: all on the device (a CUDA graph's part)."""
+    return resize_to_height(flip_and_shift(images, cfg), height)
+
+
+def flip_and_shift(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
     if cfg.flip:
         images = random_flip(images)
-    return random_size(random_shift(images, cfg.max_shift), heights)
+    return random_shift(images, cfg.max_shift)

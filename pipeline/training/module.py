@@ -26,8 +26,15 @@ from pipeline.config import (
     TrainJob,
     require,
 )
-from pipeline.data.augment import augment, resize_to_height, training_heights
+from pipeline.data.augment import (
+    augment,
+    augment_to,
+    draw_height,
+    resize_to_height,
+    training_heights,
+)
 from pipeline.models import build_classifier
+from pipeline.training.graphs import GraphedSteps
 from pipeline.training.optim import build_optimizer, build_scheduler
 
 
@@ -47,6 +54,7 @@ class Classifier(L.LightningModule):
         mean: list[float],
         std: list[float],
         label_smoothing: float = 0.0,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         # logger=False: the run's params are the whole resolved config, logged once by tracking
@@ -63,6 +71,11 @@ class Classifier(L.LightningModule):
         # small network's GPU step more than Lightning does (`make bench`: x minimal). A
         # diverged epoch's loss stays NaN, for StopOnDivergence.
         self.register_buffer("train_sums", torch.zeros(3), persistent=False)
+        # trainer.cuda_graph: each step replayed from a CUDA graph, the optimizer and its
+        # schedule stepped here (Lightning's manual optimization)
+        self.graphed = GraphedSteps(self.graph_step, self) if cuda_graph else None
+        self.automatic_optimization = not cuda_graph
+        self.scheduler_interval: str | None = None  # "step" or "epoch", once configured
         self.val_acc = MulticlassAccuracy(classes, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(classes, average="micro", validate_args=False)
         self.test_class_acc = MulticlassAccuracy(classes, average="none", validate_args=False)
@@ -79,6 +92,7 @@ class Classifier(L.LightningModule):
             mean=meta["train_mean"],
             std=meta["train_std"],
             label_smoothing=cfg.train.label_smoothing,
+            cuda_graph=cfg.trainer.cuda_graph,
         )
 
     def _train_heights(self) -> tuple[int, int]:
@@ -103,18 +117,65 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         images, labels = batch
-        logits = self(augment(images.float(), self.augment_cfg, self.train_heights))
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-        with torch.no_grad():
-            self.train_sums[0] += loss * len(labels)
-            self.train_sums[1] += (logits.argmax(dim=1) == labels).sum()
-            self.train_sums[2] += len(labels)
+        if self.graphed is not None:
+            loss = self._replayed_step(images, labels)
+        else:
+            logits = self(augment(images.float(), self.augment_cfg, self.train_heights))
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+            self._count(loss, logits, labels)
         # handed to self.log only on the steps the loggers write (Lightning's own schedule)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+            # a copy: a graph's loss is rewritten by its next replay
+            self.log(
+                "train/loss_step",
+                loss.detach().clone(),
+                on_step=True,
+                on_epoch=False,
+                prog_bar=True,
+            )
         if self.trainer.is_last_batch:  # before validation, so epoch-end callbacks see them
             self._log_training_epoch()
         return loss
+
+    @torch.no_grad()
+    def _count(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a step to the epoch's sums."""
+        self.train_sums[0] += loss * len(labels)
+        self.train_sums[1] += (logits.argmax(dim=1) == labels).sum()
+        self.train_sums[2] += len(labels)
+
+    def graph_step(
+        self, images: torch.Tensor, labels: torch.Tensor, height: int, count: bool
+    ) -> torch.Tensor:
+        """What a CUDA graph holds (pipeline.training.graphs): the augmented batch's forward
+        and backward pass into zeroed gradients, and with `count`, the epoch's sums. Its own
+        autocast, as Lightning's bf16-mixed has it but caching no casts, as graphs need."""
+        for parameter in self.parameters():
+            if parameter.grad is not None:
+                parameter.grad.zero_()
+        images = augment_to(images.float(), self.augment_cfg, height)
+        bf16 = self.trainer.precision == "bf16-mixed"
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16, cache_enabled=False):
+            logits = self(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        loss.backward()
+        if count:
+            self._count(loss, logits, labels)
+        return loss
+
+    def _replayed_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """A training step from its CUDA graph, then the optimizer's step and, per step, its
+        schedule's (per epoch: on_train_epoch_end)."""
+        assert self.graphed is not None
+        loss = self.graphed(images, labels, draw_height(self.train_heights))
+        self.optimizers().step()
+        if self.scheduler_interval == "step":
+            self.lr_schedulers().step()
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.graphed is not None and self.scheduler_interval == "epoch":
+            self.lr_schedulers().step()
 
     def _log_training_epoch(self) -> None:
         """train/loss_epoch and train/acc over the epoch's images, on every rank."""
@@ -159,11 +220,14 @@ class Classifier(L.LightningModule):
         self.test_class_acc.reset()
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.parameters(), self.optimizer_cfg)
+        # beside a CUDA graph, the optimizer's step is one fused kernel
+        fused = self.graphed is not None
+        optimizer = build_optimizer(self.parameters(), self.optimizer_cfg, fused=fused)
         scheduler = build_scheduler(
             optimizer,
             self.scheduler_cfg,
             epochs=self.trainer.max_epochs or 1,
             total_steps=int(self.trainer.estimated_stepping_batches),
         )
+        self.scheduler_interval = scheduler["interval"] if scheduler else None
         return {"optimizer": optimizer, "lr_scheduler": scheduler} if scheduler else optimizer

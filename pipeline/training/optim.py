@@ -11,8 +11,9 @@ from pipeline.config import OptimizerConfig, SchedulerConfig
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig
+    params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, fused: bool = False
 ) -> torch.optim.Optimizer:
+    """`cfg`'s optimizer; `fused`: its step as one kernel (parameters on a GPU)."""
     if cfg.name == "sgd":
         return torch.optim.SGD(
             params,
@@ -20,9 +21,16 @@ def build_optimizer(
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay,
+            fused=fused or None,
         )
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name]
-    return optimizer(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return optimizer(
+        params,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        weight_decay=cfg.weight_decay,
+        fused=fused or None,
+    )
 
 
 def build_scheduler(
