@@ -232,22 +232,41 @@ def user_package(tmp: Path, name: str, source: str) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([str(package.parent), env()["PYTHONPATH"]])}
 
 
-# LeNet-5's maps in the user's own package. In its job's first attempt, at training batch
-# `at_batch`, it has SLURM requeue the job and fails at once: what a rank does whose peers
-# SLURM stopped first ("Connection closed by peer"), before SLURM stops it too.
-REQUEUING_PACKAGE = """
+# Networks of the user's own package (`model.backbone._target_`), LeNet-5's maps each:
+# - PacedLeNet pauses before each batch: a training of about 100 s spent mostly asleep, which
+#   outlasts its SLURM job's first 75 s on any machine and leaves the cores to the other tests;
+# - RequeuingLeNet, in its job's first attempt, at training batch `at_batch`, has SLURM requeue
+#   the job and fails at once: what a rank does whose peers SLURM stopped first ("Connection
+#   closed by peer"), before SLURM stops it too.
+USER_NETS = """
 import os
 import subprocess
+import time
 
 from torch import nn
 
 
-class RequeuingLeNet(nn.Sequential):
-    def __init__(self, in_channels: int, at_batch: int) -> None:
+class LeNetMaps(nn.Sequential):
+    def __init__(self, in_channels: int) -> None:
         super().__init__(
             nn.Conv2d(in_channels, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),
             nn.Conv2d(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2),
         )
+
+
+class PacedLeNet(LeNetMaps):
+    def __init__(self, in_channels: int, pause_s: float) -> None:
+        super().__init__(in_channels)
+        self.pause_s = pause_s
+
+    def forward(self, x):
+        time.sleep(self.pause_s)
+        return super().forward(x)
+
+
+class RequeuingLeNet(LeNetMaps):
+    def __init__(self, in_channels: int, at_batch: int) -> None:
+        super().__init__(in_channels)
         self.batches_left = at_batch
 
     def forward(self, x):
@@ -264,12 +283,12 @@ def test_a_trial_failing_as_slurm_requeues_it_leaves_no_result_and_its_next_atte
     slurm, tmp_path, data_dir
 ):
     # 1,137 training images in batches of 64: 18 steps an epoch; the requeue comes in epoch 2
-    exported = user_package(tmp_path, "requeuing_nets", REQUEUING_PACKAGE)
+    exported = user_package(tmp_path, "user_nets", USER_NETS)
     sweep = start_sweep(
         slurm,
         tmp_path,
         data_dir,
-        "model.backbone={_target_:requeuing_nets.RequeuingLeNet,in_channels:1,at_batch:24}",
+        "model.backbone={_target_:user_nets.RequeuingLeNet,in_channels:1,at_batch:24}",
         "data.batch_size=64",
         "trainer.max_epochs=3",
         "evaluation.scales=[1.0]",
@@ -291,31 +310,10 @@ def test_a_trial_failing_as_slurm_requeues_it_leaves_no_result_and_its_next_atte
     assert torch.load(trial / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 54
 
 
-# A training of about 100 s spent mostly asleep: LeNet-5's maps in the user's own package
-# (`model.backbone._target_`), pausing before each batch. It outlasts its SLURM job's first 75 s
-# on any machine, and leaves the cores to the other tests meanwhile.
-PACED_PACKAGE = """
-import time
-
-from torch import nn
-
-
-class PacedLeNet(nn.Sequential):
-    def __init__(self, in_channels: int, pause_s: float) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2),
-        )
-        self.pause_s = pause_s
-
-    def forward(self, x):
-        time.sleep(self.pause_s)
-        return super().forward(x)
-"""
 # 18 training and 5 validation batches an epoch, a quarter second each
 EPOCHS = 16
 TIME_LIMITED = (
-    "model.backbone={_target_:paced_nets.PacedLeNet,in_channels:1,pause_s:0.25}",
+    "model.backbone={_target_:user_nets.PacedLeNet,in_channels:1,pause_s:0.25}",
     "optimizer=adam",
     "data.batch_size=64",
     "trainer.threads=1",
@@ -327,7 +325,7 @@ TIME_LIMITED = (
 def test_trial_at_its_time_limit_is_requeued_until_it_finishes_as_if_uninterrupted(
     slurm, tmp_path, data_dir
 ):
-    exported = user_package(tmp_path, "paced_nets", PACED_PACKAGE)
+    exported = user_package(tmp_path, "user_nets", USER_NETS)
     # SLURM signals a job signal_delay_s to signal_delay_s + 30 s before its time limit (it looks
     # every 30 s): here 45 to 75 s after it starts; submitit then requeues it, as often as needed
     sweep = start_sweep(
