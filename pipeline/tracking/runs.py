@@ -254,10 +254,21 @@ class TrainingRun:
     def log_metric(self, key: str, value: float, step: int = 0) -> None:
         self.client.log_metric(self.id, key, value, step=step)
 
-    def log_metrics(self, metrics: Mapping[str, float]) -> None:
-        """`metrics` at step 0, in one write."""
+    def log_metrics(
+        self,
+        metrics: Mapping[str, float],
+        model_id: str | None = None,
+        dataset: tuple[str, str] | tuple[None, None] = (None, None),
+    ) -> None:
+        """`metrics` at step 0 in one write; of the logged model `model_id` too, measured on
+        `dataset` (name, digest), when given."""
         now = int(time.time() * 1000)  # MLflow's timestamps: milliseconds
-        self.client.log_batch(self.id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        name, digest = dataset
+        measured = [
+            Metric(key, value, now, 0, model_id=model_id, dataset_name=name, dataset_digest=digest)
+            for key, value in metrics.items()
+        ]
+        self.client.log_batch(self.id, metrics=measured)
 
     def logged_model_id(self) -> str | None:
         """The id of the MLflow model this run logged (its last, if several); None if none."""
@@ -268,13 +279,7 @@ class TrainingRun:
     def log_evaluation(self, metrics: Mapping[str, float], dataset: tuple[str, str]) -> None:
         """Evaluation `metrics` of the test split `dataset` (name, digest): the run's, and its
         logged model's when it has one (the model's page lists them and the data they measure)."""
-        model_id, (name, digest) = self.logged_model_id(), dataset
-        now = int(time.time() * 1000)
-        measured = [
-            Metric(key, value, now, 0, model_id=model_id, dataset_name=name, dataset_digest=digest)
-            for key, value in metrics.items()
-        ]
-        self.client.log_batch(self.id, metrics=measured)
+        self.log_metrics(metrics, self.logged_model_id(), dataset)
 
     def describe(self, text: str) -> None:
         """The run's description, what the UI shows first on its page."""
