@@ -75,7 +75,6 @@ class Classifier(L.LightningModule):
         # schedule stepped here (Lightning's manual optimization)
         self.graphed = GraphedSteps(self.graph_step, self) if cuda_graph else None
         self.automatic_optimization = not cuda_graph
-        self.scheduler_interval: str | None = None  # "step" or "epoch", once configured
         self.val_acc = MulticlassAccuracy(classes, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(classes, average="micro", validate_args=False)
         self.test_class_acc = MulticlassAccuracy(classes, average="none", validate_args=False)
@@ -150,9 +149,7 @@ class Classifier(L.LightningModule):
         """What a CUDA graph holds (pipeline.training.graphs): the augmented batch's forward
         and backward pass into zeroed gradients, and with `count`, the epoch's sums. Its own
         autocast, as Lightning's bf16-mixed has it but caching no casts, as graphs need."""
-        for parameter in self.parameters():
-            if parameter.grad is not None:
-                parameter.grad.zero_()
+        self.optimizers().optimizer.zero_grad(set_to_none=False)
         images = augment_to(images.float(), self.augment_cfg, height)
         bf16 = self.trainer.precision == "bf16-mixed"
         with torch.autocast("cuda", torch.bfloat16, enabled=bf16, cache_enabled=False):
@@ -172,6 +169,12 @@ class Classifier(L.LightningModule):
         if self.scheduler_interval == "step":
             self.lr_schedulers().step()
         return loss
+
+    @property
+    def scheduler_interval(self) -> str | None:
+        """When the schedule steps ("step" or "epoch"), as Lightning configured it; None: none."""
+        configs = self.trainer.lr_scheduler_configs
+        return configs[0].interval if configs else None
 
     def on_train_epoch_end(self) -> None:
         if self.graphed is not None and self.scheduler_interval == "epoch":
@@ -229,5 +232,4 @@ class Classifier(L.LightningModule):
             epochs=self.trainer.max_epochs or 1,
             total_steps=int(self.trainer.estimated_stepping_batches),
         )
-        self.scheduler_interval = scheduler["interval"] if scheduler else None
         return {"optimizer": optimizer, "lr_scheduler": scheduler} if scheduler else optimizer
