@@ -40,6 +40,7 @@ from pipeline.data.preprocess import describe
 from pipeline.data.store import Split, load_split, read_meta, save_split, write_meta
 from pipeline.models import build_model
 from pipeline.training.fit import open_data, train
+from pipeline.training.graphs import GraphedSteps
 from pipeline.training.optim import build_optimizer
 
 # the trainings it times: model and dataset overrides, as params.yaml's grid trains them
@@ -124,6 +125,17 @@ def normalisation(cfg: TrainJob, device: str) -> tuple[torch.Tensor, torch.Tenso
     )
 
 
+def normalised_loss(
+    network: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
+    """The cross-entropy of `network` on uint8 `images`, normalised as the pipeline does."""
+    return F.cross_entropy(network((images.float() - mean) / std), labels)
+
+
 class PlainLoop:
     """The same training as a bare PyTorch loop: network, optimizer, normalisation, batches."""
 
@@ -138,45 +150,37 @@ class PlainLoop:
         self.batches = itertools.chain.from_iterable(epochs)
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.network((images.float() - self.mean) / self.std), labels)
+        return normalised_loss(self.network, images, labels, self.mean, self.std)
 
     def step(self) -> int:
         """One training step; returns its images."""
         images, labels = next(self.batches)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.loss(images, labels).backward()
-        self.optimizer.step()
+        self.train_on(images, labels)
         return len(labels)
+
+    def train_on(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = self.loss(images, labels)
+        loss.backward()
+        self.optimizer.step()
+        return loss
 
 
 class GraphedLoop(PlainLoop):
-    """The plain loop with its whole step (forward, backward, optimizer step) captured once as
-    one CUDA graph and replayed for every batch, as PyTorch documents whole-network capture:
+    """The plain loop with its whole step (forward, backward, optimizer step) as one CUDA
+    graph per batch shape, captured as the pipeline's `trainer.cuda_graph` captures its own:
     the floor a step of this network reaches on a GPU, with no launch cost per kernel."""
 
     def __init__(self, cfg: TrainJob) -> None:
         super().__init__(cfg)
-        images, labels = next(self.batches)
-        self.images, self.labels = images.clone(), labels.clone()  # the graph's input buffers
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: the optimizer's state exists before capture
-            for _ in range(3):
-                super().step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
-            self.loss(self.images, self.labels).backward()
-            self.optimizer.step()
+        # its warm-up steps the optimizer too: a benchmark's weights need no care
+        self.graphed = GraphedSteps(
+            lambda images, labels, *_: self.train_on(images, labels), self.network
+        )
 
     def step(self) -> int:
         images, labels = next(self.batches)
-        while len(labels) != len(self.labels):  # an epoch's last, smaller batch: another shape
-            images, labels = next(self.batches)
-        self.images.copy_(images)
-        self.labels.copy_(labels)
-        self.graph.replay()
+        self.graphed(images, labels, images.shape[-2])
         return len(labels)
 
 
@@ -209,8 +213,7 @@ class MinimalModule(L.LightningModule):
         self.register_buffer("std", std)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
-        images, labels = batch
-        return F.cross_entropy(self.network((images.float() - self.mean) / self.std), labels)
+        return normalised_loss(self.network, *batch, self.mean, self.std)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self.parameters(), self.optimizer_cfg)
