@@ -66,11 +66,14 @@ class Classifier(L.LightningModule):
         self.model = build_classifier(model, dataset, mean, std)
         self.train_heights = self._train_heights()
         classes = len(self.dataset_cfg.classes)
-        # the training epoch's loss x images, correct answers and images, summed on the device
-        # each step and read once at the epoch's end: metric objects updated every step cost a
-        # small network's GPU step more than Lightning does (`make bench`: x minimal). A
-        # diverged epoch's loss stays NaN, for StopOnDivergence.
-        self.register_buffer("train_sums", torch.zeros(3), persistent=False)
+        # the training epoch's loss x images and correct answers, added up on the device each
+        # step in two in-place adds (metric objects, or one buffer indexed, dispatch several
+        # times the operators, and a small network's GPU step is bound by launching them: `make
+        # bench`'s operator counts), its images counted on the host; all read once at the
+        # epoch's end. A diverged epoch's loss stays NaN, for StopOnDivergence.
+        self.register_buffer("train_loss_sum", torch.zeros(()), persistent=False)
+        self.register_buffer("train_correct", torch.zeros((), dtype=torch.long), persistent=False)
+        self.train_images = 0
         # trainer.cuda_graph: each step replayed from a CUDA graph, the optimizer and its
         # schedule stepped here (Lightning's manual optimization)
         self.graphed = GraphedSteps(self.graph_step, self) if cuda_graph else None
@@ -122,6 +125,7 @@ class Classifier(L.LightningModule):
             logits = self(augment(images.float(), self.augment_cfg, self.train_heights))
             loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
             self._count(loss, logits, labels)
+        self.train_images += len(labels)
         # handed to self.log only on the steps the loggers write (Lightning's own schedule)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             # a copy: a graph's loss is rewritten by its next replay
@@ -138,10 +142,9 @@ class Classifier(L.LightningModule):
 
     @torch.no_grad()
     def _count(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a step to the epoch's sums."""
-        self.train_sums[0] += loss * len(labels)
-        self.train_sums[1] += (logits.argmax(dim=1) == labels).sum()
-        self.train_sums[2] += len(labels)
+        """Add a step's loss and correct answers to the epoch's sums."""
+        self.train_loss_sum.add_(loss, alpha=len(labels))
+        self.train_correct.add_((logits.argmax(dim=1) == labels).sum())
 
     def graph_step(
         self, images: torch.Tensor, labels: torch.Tensor, height: int, count: bool
@@ -182,10 +185,14 @@ class Classifier(L.LightningModule):
 
     def _log_training_epoch(self) -> None:
         """train/loss_epoch and train/acc over the epoch's images, on every rank."""
-        loss, correct, images = self.trainer.strategy.reduce(self.train_sums, reduce_op="sum")
+        images = self.train_loss_sum.new_tensor(self.train_images)
+        sums = torch.stack((self.train_loss_sum, self.train_correct.float(), images))
+        loss, correct, images = self.trainer.strategy.reduce(sums, reduce_op="sum")
         self.log("train/loss_epoch", loss / images, on_step=False, on_epoch=True)
         self.log("train/acc", correct / images, on_step=False, on_epoch=True)
-        self.train_sums.zero_()
+        self.train_loss_sum.zero_()
+        self.train_correct.zero_()
+        self.train_images = 0
 
     def _log_epoch_metric(self, name: str, metric: Metric) -> None:
         # on_epoch: the loggers get it at the epoch's end, whichever step logged it
