@@ -32,6 +32,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from pipeline.cli import compose_config
 from pipeline.config import TrainJob
@@ -219,12 +220,20 @@ class MinimalModule(L.LightningModule):
         return build_optimizer(self.parameters(), self.optimizer_cfg)
 
 
+# the warm-up epoch's step whose operators are counted: past the first (compiling), and not
+# one that logs
+PROFILED_STEP = 1
+
+
 class Interleave(L.Callback):
     """Runs a plain-loop step after each step of the training it is a callback of (the
     pipeline's, or the MinimalModule's) and adds up the time of each.
 
     A training step is timed from the end of one plain step to the start of the next, so it
-    holds everything Lightning does per batch (fetching, hooks, logging, progress bar).
+    holds everything Lightning does per batch (fetching, hooks, logging, progress bar). One
+    step of the warm-up epoch is not timed but profiled: the operators it dispatches, which a
+    small network's GPU step launches one kernel or more each for, counted free of the
+    machine's jitter.
     """
 
     def __init__(self, plain: PlainLoop) -> None:
@@ -232,6 +241,8 @@ class Interleave(L.Callback):
         self.seconds = {"training": 0.0, "plain": 0.0}
         self.images = 0
         self.warmup = (0.0, 0)  # the warm-up epoch's training seconds and images
+        self.operators = 0  # torch operators (aten::) the profiled step dispatched
+        self.profiler: profile | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == 1:  # epoch 0 was the warm-up
@@ -240,10 +251,25 @@ class Interleave(L.Callback):
             self.images = 0
         self.mark = self.now(pl_module.device)
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch == 0 and batch_idx == PROFILED_STEP:
+            self.profiler = profile(activities=[ProfilerActivity.CPU])
+            self.profiler.start()
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, _: int
     ) -> None:
         start = self.now(pl_module.device)
+        if self.profiler is not None:
+            self.profiler.stop()
+            events = self.profiler.key_averages()
+            self.operators = sum(e.count for e in events if e.key.startswith("aten::"))
+            self.profiler = None
+            self.plain.step()
+            self.mark = self.now(pl_module.device)
+            return
         self.seconds["training"] += start - self.mark
         self.plain.step()
         self.mark = self.now(pl_module.device)
@@ -313,12 +339,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         times = bench_load(directory)
-        tables = [
-            training_table(
-                model, args.device, args.images, args.epochs, args.batch_sizes, directory
-            )
-            for model in args.models
-        ]
+        tables = []
+        for model in args.models:
+            timing = (model, args.device, args.images, args.epochs, args.batch_sizes, directory)
+            tables.append(training_table(*timing))
+            if args.device == "cuda":
+                tables.append(graph_table(*timing))
     print(  # after the trainings' own output
         f"\nload 70,000 x 1 x 28 x 28 uint8 split: median {statistics.median(times) * 1e3:.1f} ms "
         f"(first {times[0] * 1e3:.1f} ms, best {min(times) * 1e3:.1f} ms)"
@@ -330,13 +356,18 @@ def main() -> None:
 SIDES = ("minimal", "eager", "compiled")
 
 
-def training_table(
-    model: str, device: str, images: int, epochs: int, batch_sizes: list[int], directory: Path
-) -> str:
-    """Times `model`'s training as a MinimalModule and as the pipeline's, eager and compiled,
-    at each batch size; returns `report`."""
+def timed_trainings(
+    model: str,
+    device: str,
+    images: int,
+    epochs: int,
+    batch_sizes: list[int],
+    directory: Path,
+    sides: tuple[str, ...],
+) -> dict[int, dict[str, Interleave]]:
+    """`model`'s trainings at each batch size: each of `sides` (a MinimalModule, the pipeline
+    eager, compiled, or with CUDA graphs), each interleaved with its own plain loop."""
     timed: dict[int, dict[str, Interleave]] = {}
-    sides = (*SIDES, "graphed") if device == "cuda" else SIDES
     for batch_size in batch_sizes:
         for side in sides:
             cfg = training_config(
@@ -346,22 +377,39 @@ def training_table(
             run_dir = directory / f"{model}-batch-{batch_size}-{side}"
             bench = bench_minimal if side == "minimal" else bench_training
             timed.setdefault(batch_size, {})[side] = bench(cfg, run_dir)
-    table = report(f"{model} on {cfg.dataset.name}-shaped data", timed, device, epochs, images)
-    if device != "cuda":
-        return table
+    return timed
+
+
+def training_table(
+    model: str, device: str, images: int, epochs: int, batch_sizes: list[int], directory: Path
+) -> str:
+    """Times `model`'s training as a MinimalModule and as the pipeline's, eager and compiled,
+    at each batch size; returns `report`."""
+    timed = timed_trainings(model, device, images, epochs, batch_sizes, directory, SIDES)
+    cfg = training_config(model, batch_sizes[0], directory, epochs, device)
+    return report(f"{model} on {cfg.dataset.name}-shaped data", timed, device, epochs, images)
+
+
+def graph_table(
+    model: str, device: str, images: int, epochs: int, batch_sizes: list[int], directory: Path
+) -> str:
+    """On a GPU: images/s of the pipeline's training with CUDA graphs and of the plain loop's
+    whole step as one graph, each against a plain eager loop, at each batch size."""
+    timed = timed_trainings(model, device, images, epochs, batch_sizes, directory, ("graphed",))
     lines = [
-        "whole steps as CUDA graphs: the pipeline's (trainer.cuda_graph=true, against its "
-        "interleaved plain eager loop) and the plain loop's (alternating with the eager one):"
+        f"{model}: whole steps as CUDA graphs, the pipeline's (trainer.cuda_graph=true, against "
+        "its interleaved plain eager loop) and the plain loop's (alternating with the eager one):"
     ]
     for batch_size in batch_sizes:
         graphed = timed[batch_size]["graphed"]
         eager, graph = graph_floor(training_config(model, batch_size, directory, epochs, device))
         lines.append(
             f"{batch_size:>6} pipeline {graphed.rate('training'):>9,.0f} img/s "
-            f"({graphed.pace():.2f} x plain eager); plain loop {graph:>9,.0f} img/s "
+            f"({graphed.pace():.2f} x plain eager, {graphed.operators} operators a step); "
+            f"plain loop {graph:>9,.0f} img/s "
             f"({graph / eager:.2f} x plain eager)"
         )
-    return "\n".join([table, *lines])
+    return "\n".join(lines)
 
 
 def report(
@@ -370,7 +418,8 @@ def report(
     """Images/s per batch size of the plain eager loop (over all the trainings' plain steps),
     the minimal LightningModule, the pipeline eager and compiled (each `x plain`: to the plain
     steps interleaved with it), the pipeline eager to the minimal module (`x minimal`: the
-    pipeline's own cost), and the compiled training's compile time."""
+    pipeline's own cost), and the compiled training's compile time; then the operators one
+    step of each training dispatches."""
     lines = [
         f"{what}, training on {device}, {torch.get_num_threads()} threads, {epochs} timed epochs "
         f"of {images:,} images, interleaved step by step with a plain eager loop:",
@@ -388,6 +437,11 @@ def report(
             f"{eager.pace() / minimal.pace():>10.2f} {compiled.rate('training'):>9,.0f} "
             f"{compiled.pace():>8.2f} {compiled.warmup_excess():>10.1f}"
         )
+    counts = "; ".join(
+        f"batch {batch_size}: " + ", ".join(f"{side} {runs[side].operators}" for side in SIDES)
+        for batch_size, runs in timed.items()
+    )
+    lines.append(f"torch operators dispatched by one training step (torch.profiler): {counts}")
     return "\n".join(lines)
 
 

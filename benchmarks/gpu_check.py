@@ -18,7 +18,10 @@ training code, and fails loudly:
    of a plain loop, the minimal LightningModule and the pipeline, eager, compiled and with
    CUDA graphs, side by side, and the plain loop's whole step as one CUDA graph
    (benchmarks/bench.py).
-The report goes to stdout and, with --out, to a file; the exit status is 1 if a check failed.
+Each line of the report goes to stdout and, with --out, to a file as soon as it is measured,
+so a run cut short keeps what it measured. A check that raises is reported as failed, with the
+end of its traceback, and the others still run (one GPU session may be all there is); the exit
+status is 1 if a check failed.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +45,7 @@ import torch
 import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
-from benchmarks.bench import training_table
+from benchmarks.bench import graph_table, training_table
 from pipeline.cli import compose_config
 from pipeline.config import PrepareJob, TrainJob
 from pipeline.data.fetch import fetch
@@ -48,6 +54,35 @@ from pipeline.tracking.store import read_run
 from pipeline.training.fit import train
 
 GRAPHED = "trainer=gpu trainer.cuda_graph=true"
+
+
+class Report:
+    """The check's lines, each printed and appended to `out` as it comes, and its problems."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.out = out
+        self.problems: list[str] = []
+        if out:
+            out.write_text("")
+
+    def add(self, *lines: str) -> None:
+        for line in lines:
+            print(f"\n{line}", flush=True)
+            if self.out:
+                with self.out.open("a") as handle:
+                    handle.write(f"{line}\n\n")
+
+    @contextmanager
+    def check(self, name: str) -> Iterator[None]:
+        """Runs a check; one that raises is a problem, reported with its traceback's end."""
+        try:
+            yield
+        except Exception as error:  # reported, so that the next check still runs
+            self.problem(f"{name}: {type(error).__name__}: {error}")
+            self.add(f"{name} raised:\n{''.join(traceback.format_exc().splitlines(True)[-12:])}")
+
+    def problem(self, *problems: str) -> None:
+        self.problems += problems
 
 
 class Probe(L.Callback):
@@ -97,9 +132,10 @@ def on_par(first: list[float], second: list[float]) -> tuple[bool, str]:
 
 
 def accuracy_check(
-    directory: Path, cuda: bool, seeds: int, accelerator: list[str]
-) -> tuple[list[str], list[str]]:
-    """(report lines, problems) of the digits recipe on the GPU against the CPU, seed by seed."""
+    report: Report, directory: Path, cuda: bool, seeds: int, accelerator: list[str]
+) -> None:
+    """The digits recipe on the GPU against the CPU, seed by seed; a recipe that raises is
+    reported and left out of the seeds after."""
     expected = {"batch device": "cuda:0", "precision": "bf16-mixed"} if cuda else {}
     recipes = {"trainer=gpu": ["trainer=gpu", *accelerator], "trainer=cpu": ["trainer=cpu"]}
     comparisons = [("trainer=gpu", "trainer=cpu")]
@@ -107,21 +143,24 @@ def accuracy_check(
         recipes[GRAPHED] = ["trainer=gpu", "trainer.cuda_graph=true"]
         comparisons.append((GRAPHED, "trainer=gpu"))
     accuracy: dict[str, list[float]] = {recipe: [] for recipe in recipes}
-    lines, problems = [], []
     for seed in range(seeds):
         for recipe, overrides in recipes.items():
+            if len(accuracy[recipe]) < seed:  # it raised before
+                continue
             name = f"{recipe.replace('=', '-').replace(' ', '-')}-seed-{seed}"
-            seen = digits_training(name, [*overrides, f"seed={seed}"], directory)
-            if recipe != "trainer=cpu":
-                problems += failures(f"{recipe}, seed {seed}", seen, expected, 0.95)
-            accuracy[recipe].append(float(seen["test/acc"]))
-            lines.append(f"LeNet-5 on digits, {recipe}, seed {seed}: " + describe(seen))
+            with report.check(f"LeNet-5 on digits, {recipe}, seed {seed}"):
+                seen = digits_training(name, [*overrides, f"seed={seed}"], directory)
+                if recipe != "trainer=cpu":
+                    report.problem(*failures(f"{recipe}, seed {seed}", seen, expected, 0.95))
+                accuracy[recipe].append(float(seen["test/acc"]))
+                report.add(f"LeNet-5 on digits, {recipe}, seed {seed}: " + describe(seen))
     for recipe, reference in comparisons:
+        if len(accuracy[recipe]) < 2 or len(accuracy[reference]) < 2:
+            continue  # reported as raised
         same, said = on_par(accuracy[recipe], accuracy[reference])
-        lines.append(f"{recipe} against {reference} over {seeds} seeds: {said}")
+        report.add(f"{recipe} against {reference} over {seeds} seeds: {said}")
         if not same:
-            problems.append(f"{recipe} is not on par with {reference} on digits: {said}")
-    return lines, problems
+            report.problem(f"{recipe} is not on par with {reference} on digits: {said}")
 
 
 def time_to_accuracy(directory: Path, accelerator: list[str]) -> str:
@@ -192,34 +231,38 @@ def main() -> None:
         raise SystemExit("no CUDA device: this check needs a GPU (--device cpu: a dry run)")
 
     device = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
-    lines = [
+    report = Report(args.out)
+    report.add(
         f"{device}; torch {torch.__version__}, Lightning {L.__version__}, "
         f"Python {platform.python_version()}"
-    ]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         data = compose_config("data", PrepareJob, ["dataset=digits", *paths(directory)[:1]])
         fetch(data)
         preprocess(data)
         accelerator = [] if cuda else ["trainer.accelerator=cpu", "trainer.precision=32-true"]
-        accuracy_lines, problems = accuracy_check(directory, cuda, args.seeds, accelerator)
-        lines += accuracy_lines
+        accuracy_check(report, directory, cuda, args.seeds, accelerator)
         name = "trainer=ddp, 1 GPU"
-        overrides = ["trainer=ddp", "trainer.devices=1", *accelerator]
-        seen = digits_training("trainer-ddp", overrides, directory)
-        group = {"process group": "nccl x 1" if cuda else "gloo x 1", "strategy": "DDPStrategy"}
-        problems += failures(name, seen, group, 0.95)
-        lines.append(f"LeNet-5 on digits, {name}: " + describe(seen))
+        with report.check(name):
+            overrides = ["trainer=ddp", "trainer.devices=1", *accelerator]
+            seen = digits_training("trainer-ddp", overrides, directory)
+            group = {"process group": "nccl x 1" if cuda else "gloo x 1", "strategy": "DDPStrategy"}
+            report.problem(*failures(name, seen, group, 0.95))
+            report.add(f"LeNet-5 on digits, {name}: " + describe(seen))
         if dist.is_initialized():
             dist.destroy_process_group()
-        lines.append(time_to_accuracy(directory, accelerator))
+        with report.check("time to accuracy"):
+            report.add(time_to_accuracy(directory, accelerator))
         for model in ("lenet5", "alexnet"):
-            lines.append(training_table(model, args.device, args.images, 4, [128, 512], directory))
-    lines.append("all checks passed" if not problems else "FAILED:\n" + "\n".join(problems))
-    report = "\n\n".join(lines)
-    print("\n" + report)
-    if args.out:
-        args.out.write_text(report + "\n")
+            timing = (model, args.device, args.images, 4, [128, 512], directory)
+            with report.check(f"{model} benchmark"):
+                report.add(training_table(*timing))
+            if cuda:
+                with report.check(f"{model} benchmark with CUDA graphs"):
+                    report.add(graph_table(*timing))
+    problems = report.problems
+    report.add("all checks passed" if not problems else "FAILED:\n" + "\n".join(problems))
     raise SystemExit(1 if problems else 0)
 
 
