@@ -231,9 +231,9 @@ class Interleave(L.Callback):
 
     A training step is timed from the end of one plain step to the start of the next, so it
     holds everything Lightning does per batch (fetching, hooks, logging, progress bar). One
-    step of the warm-up epoch is not timed but profiled: the operators it dispatches, which a
-    small network's GPU step launches one kernel or more each for, counted free of the
-    machine's jitter.
+    step of the warm-up epoch is profiled instead of timed: the operators it dispatches (on a
+    GPU, one kernel launch or more each, what a small network's step is bound by), counted
+    free of the machine's jitter.
     """
 
     def __init__(self, plain: PlainLoop) -> None:
@@ -262,19 +262,17 @@ class Interleave(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, _: int
     ) -> None:
         start = self.now(pl_module.device)
-        if self.profiler is not None:
+        if self.profiler is None:
+            self.seconds["training"] += start - self.mark
+            self.images += len(batch[1])
+        else:  # profiled, not timed
             self.profiler.stop()
             events = self.profiler.key_averages()
             self.operators = sum(e.count for e in events if e.key.startswith("aten::"))
             self.profiler = None
-            self.plain.step()
-            self.mark = self.now(pl_module.device)
-            return
-        self.seconds["training"] += start - self.mark
         self.plain.step()
         self.mark = self.now(pl_module.device)
         self.seconds["plain"] += self.mark - start
-        self.images += len(batch[1])
 
     @staticmethod
     def now(device: torch.device) -> float:
