@@ -35,8 +35,11 @@ from tests.test_server import postgres_installed
 from tests.test_sweeps import QUICK, assert_parent_records_the_best, sweep_runs, trials
 from tests.test_train import TWO_NODES, val_curve
 
-# every test here runs sweeps on the cluster; bounds for a hang, not for speed
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+# every test here runs sweeps on the cluster; bounds for a hang, not for speed. One worker
+# runs them all, on one cluster: two clusters (one a worker) number their jobs alike, and
+# Lightning gives a SLURM job's DDP rendezvous the port 15000 + its id's last 4 digits, so
+# two clusters' trials would meet on the same port of 127.0.0.1
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800), pytest.mark.xdist_group("slurm")]
 WAIT_S = 900
 
 
