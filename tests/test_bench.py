@@ -63,7 +63,7 @@ def test_the_training_and_the_plain_loop_alternate_step_by_step(tmp_path, model)
     assert float(minimal_pace) == pytest.approx(minimal.pace(), abs=0.01)
     assert float(own_cost) == pytest.approx(interleave.pace() / minimal.pace(), abs=0.01)
     # one step of each profiled: the pipeline's step dispatches what the minimal one does and
-    # more (its augmentation, normalisation and the epoch's sums)
+    # more (its augmentation and the epoch's sums)
     assert 0 < minimal.operators < interleave.operators
     counts = f"minimal {minimal.operators}, eager {interleave.operators}"
     assert table.splitlines()[-1].endswith(f"batch 64: {counts}, compiled {interleave.operators}")
