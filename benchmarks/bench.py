@@ -44,10 +44,11 @@ from pipeline.training.fit import open_data, train
 from pipeline.training.graphs import GraphedSteps
 from pipeline.training.optim import build_optimizer
 
-# the trainings it times: model and dataset overrides, as params.yaml's grid trains them
+# the trainings it times, as params.yaml's grid trains them: the dataset each trains on (its
+# shape: the data are random) and the model's overrides
 MODELS = {
-    "lenet5": ["model=lenet5", "dataset=mnist"],
-    "alexnet": ["model=alexnet", "model.width=0.5", "dataset=cifar10"],
+    "lenet5": ("mnist", ["model=lenet5"]),
+    "alexnet": ("cifar10", ["model=alexnet", "model.width=0.5"]),
 }
 MNIST_SHAPE = (1, 28, 28)
 
@@ -84,8 +85,10 @@ def training_config(
 ) -> TrainJob:
     """The training of `model` (a key of MODELS), `epochs` epochs after a warm-up one, all files
     in `directory`."""
+    dataset, model_overrides = MODELS[model]
     overrides = [
-        *MODELS[model],
+        *model_overrides,
+        f"dataset={dataset}",
         f"trainer.compile={compile}",
         f"trainer.cuda_graph={cuda_graph}",
         "dataset.val_size=1000",
@@ -384,8 +387,7 @@ def training_table(
     """Times `model`'s training as a MinimalModule and as the pipeline's, eager and compiled,
     at each batch size; returns `report`."""
     timed = timed_trainings(model, device, images, epochs, batch_sizes, directory, SIDES)
-    cfg = training_config(model, batch_sizes[0], directory, epochs, device)
-    return report(f"{model} on {cfg.dataset.name}-shaped data", timed, device, epochs, images)
+    return report(f"{model} on {MODELS[model][0]}-shaped data", timed, device, epochs, images)
 
 
 def graph_table(
