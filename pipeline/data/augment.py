@@ -66,19 +66,10 @@ def resize_to_height(images: torch.Tensor, height: int) -> torch.Tensor:
     return resize(images, height, round(images.shape[-1] * height / images.shape[-2]))
 
 
-def augment(images: torch.Tensor, cfg: AugmentConfig, heights: tuple[int, int]) -> torch.Tensor:
-    """The training batch as `cfg` augments it: flips, then shifts, then a height drawn from
-    `heights` (the network's `training_heights`; one height for a fixed-size network)."""
-    moved = flip_and_shift(images, cfg)
-    return resize_to_height(moved, draw_height(heights))
-
-
-def augment_to(images: torch.Tensor, cfg: AugmentConfig, height: int) -> torch.Tensor:
-    """`augment` with its height drawn already: all on the device (a CUDA graph's part)."""
-    return resize_to_height(flip_and_shift(images, cfg), height)
-
-
-def flip_and_shift(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+def augment(images: torch.Tensor, cfg: AugmentConfig, height: int) -> torch.Tensor:
+    """The training batch as `cfg` augments it: flips, then shifts, then resized to `height`
+    (from `draw_height`, drawn on the host first, so that all this runs on the device: a CUDA
+    graph's part)."""
     if cfg.flip:
         images = random_flip(images)
-    return random_shift(images, cfg.max_shift)
+    return resize_to_height(random_shift(images, cfg.max_shift), height)

@@ -26,13 +26,7 @@ from pipeline.config import (
     TrainJob,
     require,
 )
-from pipeline.data.augment import (
-    augment,
-    augment_to,
-    draw_height,
-    resize_to_height,
-    training_heights,
-)
+from pipeline.data.augment import augment, draw_height, resize_to_height, training_heights
 from pipeline.models import build_classifier
 from pipeline.training.graphs import GraphedSteps
 from pipeline.training.optim import build_optimizer, build_scheduler
@@ -119,12 +113,11 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         images, labels = batch
+        height = draw_height(self.train_heights)
         if self.graphed is not None:
-            loss = self._replayed_step(images, labels)
+            loss = self._replayed_step(images, labels, height)
         else:
-            logits = self(augment(images.float(), self.augment_cfg, self.train_heights))
-            loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-            self._count(loss, logits, labels)
+            loss = self.training_loss(images, labels, height, count=True)
         self.train_images += len(labels)
         # handed to self.log only on the steps the loggers write (Lightning's own schedule)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
@@ -140,11 +133,18 @@ class Classifier(L.LightningModule):
             self._log_training_epoch()
         return loss
 
-    @torch.no_grad()
-    def _count(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a step's loss and correct answers to the epoch's sums."""
-        self.train_loss_sum.add_(loss, alpha=len(labels))
-        self.train_correct.add_((logits.argmax(dim=1) == labels).sum())
+    def training_loss(
+        self, images: torch.Tensor, labels: torch.Tensor, height: int, count: bool
+    ) -> torch.Tensor:
+        """The loss of the batch augmented to `height`; with `count`, added to the epoch's
+        sums with its correct answers."""
+        logits = self(augment(images.float(), self.augment_cfg, height))
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        if count:
+            with torch.no_grad():
+                self.train_loss_sum.add_(loss, alpha=len(labels))
+                self.train_correct.add_((logits.argmax(dim=1) == labels).sum())
+        return loss
 
     def graph_step(
         self, images: torch.Tensor, labels: torch.Tensor, height: int, count: bool
@@ -153,21 +153,19 @@ class Classifier(L.LightningModule):
         and backward pass into zeroed gradients, and with `count`, the epoch's sums. Its own
         autocast, as Lightning's bf16-mixed has it but caching no casts, as graphs need."""
         self.optimizers().optimizer.zero_grad(set_to_none=False)
-        images = augment_to(images.float(), self.augment_cfg, height)
         bf16 = self.trainer.precision == "bf16-mixed"
         with torch.autocast("cuda", torch.bfloat16, enabled=bf16, cache_enabled=False):
-            logits = self(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+            loss = self.training_loss(images, labels, height, count)
         loss.backward()
-        if count:
-            self._count(loss, logits, labels)
         return loss
 
-    def _replayed_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _replayed_step(
+        self, images: torch.Tensor, labels: torch.Tensor, height: int
+    ) -> torch.Tensor:
         """A training step from its CUDA graph, then the optimizer's step and, per step, its
         schedule's (per epoch: on_train_epoch_end)."""
         assert self.graphed is not None
-        loss = self.graphed(images, labels, draw_height(self.train_heights))
+        loss = self.graphed(images, labels, height)
         self.optimizers().step()
         if self.scheduler_interval == "step":
             self.lr_schedulers().step()
