@@ -179,7 +179,7 @@ class GraphedLoop(PlainLoop):
         super().__init__(cfg)
         # its warm-up steps the optimizer too: a benchmark's weights need no care
         self.graphed = GraphedSteps(
-            lambda images, labels, *_: self.train_on(images, labels), self.network
+            lambda images, labels, _height: self.train_on(images, labels), self.network
         )
 
     def step(self) -> int:

@@ -20,8 +20,8 @@ from torch import nn
 
 # PyTorch's examples warm a step up three times before capturing it
 WARMUP_STEPS = 3
-# images, labels, height, whether to count the step in the epoch's sums -> the loss
-Step = Callable[[torch.Tensor, torch.Tensor, int, bool], torch.Tensor]
+# images, labels, height -> the loss
+Step = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
@@ -36,7 +36,8 @@ class GraphedSteps:
     """`step` (forward and backward into the parameters' gradients, which it zeroes first, so
     that every graph writes the same gradient tensors) as one CUDA graph per batch shape and
     height. The warm-up leaves no trace: its gradients are zeroed by the captured step, and
-    `module`'s buffers (batch norm's running statistics) are put back as they were."""
+    `module`'s buffers (batch norm's running statistics, the epoch's sums) are put back as
+    they were."""
 
     def __init__(self, step: Step, module: nn.Module) -> None:
         self.step, self.module = step, module
@@ -60,12 +61,12 @@ class GraphedSteps:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
-                self.step(*inputs, height, False)
+                self.step(*inputs, height)
         torch.cuda.current_stream().wait_stream(side)
         with torch.no_grad():
             for buffer, saved in zip(self.module.buffers(), buffers, strict=True):
                 buffer.copy_(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            loss = self.step(*inputs, height, True)
+            loss = self.step(*inputs, height)
         return Captured(graph, *inputs, loss)

@@ -117,7 +117,7 @@ class Classifier(L.LightningModule):
         if self.graphed is not None:
             loss = self._replayed_step(images, labels, height)
         else:
-            loss = self.training_loss(images, labels, height, count=True)
+            loss = self.training_loss(images, labels, height)
         self.train_images += len(labels)
         # handed to self.log only on the steps the loggers write (Lightning's own schedule)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
@@ -134,28 +134,25 @@ class Classifier(L.LightningModule):
         return loss
 
     def training_loss(
-        self, images: torch.Tensor, labels: torch.Tensor, height: int, count: bool
+        self, images: torch.Tensor, labels: torch.Tensor, height: int
     ) -> torch.Tensor:
-        """The loss of the batch augmented to `height`; with `count`, added to the epoch's
-        sums with its correct answers."""
+        """The loss of the batch augmented to `height`, added to the epoch's sums with its
+        correct answers."""
         logits = self(augment(images.float(), self.augment_cfg, height))
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-        if count:
-            with torch.no_grad():
-                self.train_loss_sum.add_(loss, alpha=len(labels))
-                self.train_correct.add_((logits.argmax(dim=1) == labels).sum())
+        with torch.no_grad():
+            self.train_loss_sum.add_(loss, alpha=len(labels))
+            self.train_correct.add_((logits.argmax(dim=1) == labels).sum())
         return loss
 
-    def graph_step(
-        self, images: torch.Tensor, labels: torch.Tensor, height: int, count: bool
-    ) -> torch.Tensor:
+    def graph_step(self, images: torch.Tensor, labels: torch.Tensor, height: int) -> torch.Tensor:
         """What a CUDA graph holds (pipeline.training.graphs): the augmented batch's forward
-        and backward pass into zeroed gradients, and with `count`, the epoch's sums. Its own
+        and backward pass into zeroed gradients, and the epoch's sums. Its own
         autocast, as Lightning's bf16-mixed has it but caching no casts, as graphs need."""
         self.optimizers().optimizer.zero_grad(set_to_none=False)
         bf16 = self.trainer.precision == "bf16-mixed"
         with torch.autocast("cuda", torch.bfloat16, enabled=bf16, cache_enabled=False):
-            loss = self.training_loss(images, labels, height, count)
+            loss = self.training_loss(images, labels, height)
         loss.backward()
         return loss
 
